@@ -1,0 +1,349 @@
+"""Composition root: builds the parts from a Config, starts them in order, stops them.
+
+Wiring only: decisions live in rules/dispatcher/gpio/outbox/delivery/mqtt. Signal
+handlers only set flags; the main thread does the work (reload, stop).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .config import Config, load_config
+from .delivery import Sender
+from .dispatcher import Actions, Bus, Dispatcher, Reply
+from .errors import ConfigError
+from .events import Event, make_event, rfc3339
+from .gpio import Gpio
+from .http_api import Api, HttpServer
+from .notify import Notifier, WatchdogPinger
+from .outbox import NewDelivery, Outbox
+from .rules import Plan, RuleEngine, WebhookCall
+from .scheduler import Scheduler
+from .triggers import SilenceWatch, TimeTriggers
+
+_LOG = logging.getLogger(__name__)
+
+MQTT_DEGRADED_AFTER = 60.0  # seconds disconnected before /healthz says degraded
+STATUS_EVERY = 2.0          # at most one STATUS= update per this many seconds
+_MQTT_EVENT_TYPES = {"pressed": "press", "released": "release", "held": "hold",
+                     "click": "click", "double_click": "double_click",
+                     "long_press": "long_press"}
+
+
+class Daemon:
+    """One running edgehook: pins, outbox, senders, dispatcher, HTTP, MQTT, systemd."""
+
+    def __init__(self, cfg: Config, pin_factory: Any = None) -> None:
+        self.cfg = cfg
+        self.started_at = time.time()
+        self.notifier = Notifier()
+        self.scheduler = Scheduler()
+        self.bus = Bus()
+        self.counters: Counter[str] = Counter()
+        self.engine = RuleEngine(cfg)
+        self.outbox = Outbox(Path(cfg.state_dir) / "outbox.db")
+        self.gpio = Gpio(cfg.gpio, self.bus.put, self.scheduler, pin_factory=pin_factory)
+        self.sender = Sender(self.outbox, cfg.webhooks, on_result=self._on_delivery)
+        self.dispatcher = Dispatcher(self.bus, self.engine, Actions(
+            store=self._store, set_output=self._set_output, publish=self._publish,
+            states=self._states, observe=self._observe))
+        self.http = HttpServer(cfg.http.host, cfg.http.port, self._api(cfg),
+                               timeout=cfg.http.timeout)
+        self.mqtt: Any = None
+        self.silence: SilenceWatch | None = None
+        self.time_triggers: TimeTriggers | None = None
+        self.pinger = WatchdogPinger(self.notifier, self.healthy)
+        self._stop = threading.Event()
+        self._reload = threading.Event()
+        self._wake = threading.Event()
+        self._last_status = 0.0
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        """Start in dependency order; READY once GPIO, outbox and HTTP are up."""
+        self.scheduler.start()
+        self.gpio.start()
+        self.dispatcher.start()
+        self.sender.start()
+        self.http.start()
+        self._start_mqtt(self.cfg)
+        self._start_timers(self.cfg)
+        self.notifier.ready()
+        self.pinger.start()
+        self._update_status(force=True)
+        host, port = self.http.address
+        _LOG.info("edgehook %s started: device %s, backend %s, http://%s:%s/, %s",
+                  __version__, self.cfg.device.id, self.gpio.backend, host, port,
+                  self.cfg.summary().removeprefix("config OK: "))
+        self.bus.put(make_event("daemon.started", self.cfg.device.id,
+                                {"version": __version__}))
+
+    def _start_mqtt(self, cfg: Config) -> None:
+        if cfg.mqtt is None:
+            return
+        from .mqtt import MqttLink  # paho's client only when the config uses MQTT
+
+        self.mqtt = MqttLink(cfg.mqtt, cfg.device, cfg.gpio, self.engine.mqtt_filters(),
+                             put=self.bus.put, on_command=self._mqtt_command,
+                             states=self._bool_states)
+        self.mqtt.start()
+
+    def _start_timers(self, cfg: Config) -> None:
+        self.time_triggers = TimeTriggers(cfg.rules, self.scheduler, self.bus.put)
+        self.time_triggers.start()
+        periods = {r.when.name: r.when.expect_every for r in cfg.rules
+                   if r.when.kind == "mqtt" and r.when.expect_every}
+        self.silence = SilenceWatch(periods, self.scheduler, self.bus.put) if periods else None
+        if self.silence:
+            self.silence.start()
+
+    def run(self) -> int:
+        """Serve until SIGTERM/SIGINT; reload on SIGHUP. Returns the exit status."""
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGHUP, self._on_signal)
+        self.start()
+        while not self._stop.is_set():
+            self._wake.wait()
+            self._wake.clear()
+            if self._reload.is_set() and not self._stop.is_set():
+                self._reload.clear()
+                self.reload()
+        self.stop()
+        return 0
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGHUP:
+            self._reload.set()
+        else:
+            self._stop.set()
+        self._wake.set()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    def stop(self) -> None:
+        """SIGTERM: finish in-flight work, publish offline, leave the outbox intact."""
+        _LOG.info("stopping")
+        self.notifier.stopping()
+        self.pinger.stop()
+        self.http.stop()
+        if self.time_triggers:
+            self.time_triggers.stop()
+        if self.silence:
+            self.silence.stop()
+        self.dispatcher.stop()
+        self.sender.stop()
+        if self.mqtt is not None:
+            self.mqtt.stop()
+        self.gpio.close(apply_on_stop=True)
+        self.scheduler.stop()
+        self.outbox.close()
+        _LOG.info("stopped")
+
+    def reload(self) -> None:
+        """SIGHUP: a good new config is swapped in; a bad one is logged, the old one stays."""
+        self.notifier.reloading()
+        try:
+            new = load_config(self.cfg.path)
+        except ConfigError as exc:
+            for problem in exc.problems:
+                _LOG.error("reload refused: %s", problem)
+            _LOG.error("reload refused: keeping the running config")
+            self.notifier.ready()
+            return
+        old = self.cfg
+        try:
+            self._apply(old, new)
+        except Exception:
+            _LOG.exception("reload failed half-way; keeping what could be applied")
+        self.notifier.ready()
+        self._update_status(force=True)
+        _LOG.info("reloaded %s: %s", new.path, new.summary())
+
+    def _apply(self, old: Config, new: Config) -> None:
+        if new.gpio != old.gpio:
+            _LOG.info("GPIO configuration changed: reopening pins")
+            self.gpio.close(apply_on_stop=False)
+            gpio = Gpio(new.gpio, self.bus.put, self.scheduler, pin_factory=self.gpio.factory)
+            gpio.start()
+            self.gpio = gpio
+        engine = RuleEngine(new)
+        self.engine = engine
+        self.dispatcher.engine = engine
+        self.sender.reload(new.webhooks)
+        if self.time_triggers:
+            self.time_triggers.stop()
+        if self.silence:
+            self.silence.stop()
+        self._start_timers(new)
+        if self.mqtt is not None and new.mqtt is not None:
+            self.mqtt.reload(new.mqtt, new.device, new.gpio, engine.mqtt_filters())
+        elif self.mqtt is not None:
+            self.mqtt.stop()
+            self.mqtt = None
+        elif new.mqtt is not None:
+            self._start_mqtt(new)
+        if (new.http.host, new.http.port) != (old.http.host, old.http.port):
+            _LOG.warning("http.listen changed: restart edgehook to move the listener")
+        self.http.set_api(self._api(new))
+        self.cfg = new
+
+    # ------------------------------------------------------------------ dispatcher's hands
+    def _store(self, calls: Sequence[tuple[Event, WebhookCall]]) -> None:
+        items = []
+        for event, call in calls:
+            target = self.cfg.webhooks[call.target]
+            items.append(NewDelivery(
+                target=call.target, event_id=event.id, url=call.url, method=target.method,
+                headers=call.headers, body=call.body, content_type=call.content_type,
+                max_attempts=target.max_attempts, max_age=target.max_age))
+        self.outbox.add(items)
+        self.sender.wake({c.target for _, c in calls})
+
+    def _set_output(self, name: str, state: str, duration: float | None,
+                    origin: str) -> dict[str, Any]:
+        return self.gpio.set_output(name, state, duration, origin)
+
+    def _publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
+        if self.mqtt is None:
+            raise KeyError("no mqtt section")
+        self.mqtt.publish(topic, payload, qos, retain)
+
+    def _states(self) -> dict[str, Any]:
+        return {"inputs": self.gpio.input_states(), "outputs": self.gpio.output_states()}
+
+    def _bool_states(self) -> tuple[dict[str, bool], dict[str, bool]]:
+        s = self._states()
+        return ({n: v["state"] == "on" for n, v in s["inputs"].items()},
+                {n: v["state"] == "on" for n, v in s["outputs"].items()})
+
+    def _observe(self, event: Event, plan: Plan) -> None:
+        self.counters["events:" + event.type] += 1
+        for rule in plan.fired:
+            self.counters["rule:" + rule] += 1
+        link = self.mqtt
+        kind = event.type.partition(".")[2]
+        if link is not None:
+            if event.type.startswith("input."):
+                if kind in ("pressed", "released"):
+                    link.input_state(event.source, kind == "pressed")
+                if kind in _MQTT_EVENT_TYPES:
+                    link.input_event(event.source, _MQTT_EVENT_TYPES[kind], event.id)
+            elif event.type == "output.changed":
+                link.output_state(event.source, event.data.get("state") == "on")
+        if self.silence is not None and event.type == "mqtt.message":
+            for flt in self.silence.periods:
+                from paho.mqtt.client import topic_matches_sub
+
+                if topic_matches_sub(flt, event.source):
+                    self.silence.seen(flt, event.source)
+        self._update_status()
+
+    def _mqtt_command(self, name: str, state: str, duration: float | None) -> None:
+        """From paho's thread: hand the command to the timer thread and return."""
+        def run() -> None:
+            try:
+                self.gpio.set_output(name, state, duration, "mqtt")
+            except KeyError:
+                _LOG.warning("mqtt: no output named %r", name)
+            except Exception as exc:
+                _LOG.warning("mqtt: output %s %s refused: %s", name, state, exc)
+        self.scheduler.call_later(0, run)
+
+    def _on_delivery(self, target: str, outcome: str, status: int | None,
+                     latency: float) -> None:
+        self.counters[f"delivery:{target}:{outcome}"] += 1
+
+    # ------------------------------------------------------------------ API backend
+    def _api(self, cfg: Config) -> Api:
+        return Api(self, api_token=cfg.http.api_token, max_body=cfg.http.max_body)
+
+    def state(self) -> dict[str, Any]:
+        return {"device": {"id": self.cfg.device.id, "name": self.cfg.device.name},
+                "backend": self.gpio.backend, "version": __version__,
+                "inputs": self.gpio.input_states(), "outputs": self.gpio.output_states(),
+                "mqtt": self.mqtt.status() if self.mqtt is not None else None,
+                "outbox": self.outbox.counts(),
+                "events": {"total": self.dispatcher.events_total, "dropped": self.bus.dropped,
+                           "queued": len(self.bus)}}
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        problems: list[str] = []
+        degraded: list[str] = []
+        if not self.dispatcher.healthy():
+            problems.append(f"dispatcher stalled for {self.dispatcher.stalled_for():.0f} s")
+        ok, why = self.outbox.health()
+        if not ok:
+            problems.append(f"outbox: {why}")
+        if self.mqtt is not None:
+            st = self.mqtt.status()
+            if not st.get("connected"):
+                degraded.append("mqtt disconnected")
+        detail: dict[str, Any] = {"outbox": self.outbox.counts()}
+        if problems:
+            detail["problems"] = problems
+        if degraded:
+            detail["degraded"] = degraded
+        return not problems, detail
+
+    def healthy(self) -> bool:
+        """For the systemd watchdog: worker threads alive and not stuck."""
+        self._update_status(force=True)
+        return self.dispatcher.healthy() and self.sender.heartbeat_age() < 120
+
+    def set_output(self, name: str, state: str, duration: float | None) -> dict[str, Any]:
+        return self.gpio.set_output(name, state, duration, "api")
+
+    def simulate(self, name: str, action: str) -> None:
+        self.gpio.simulate(name, action)
+
+    def outbox_list(self, status: str | None) -> list[dict[str, Any]]:
+        return self.outbox.list(status)
+
+    def outbox_retry(self, item_id: int) -> bool:
+        ok = self.outbox.retry(item_id, time.time())
+        if ok:
+            self.sender.wake(None)
+        return ok
+
+    def submit(self, event: Event, wait: float | None = None) -> Reply | None:
+        """Queue an event (hooks); with `wait`, block up to that long for its results."""
+        if wait is None:
+            self.bus.put(event)
+            return None
+        reply = Reply()
+        self.bus.put(event, reply)
+        reply.done.wait(wait)
+        return reply
+
+    # ------------------------------------------------------------------ systemd STATUS
+    def _update_status(self, force: bool = False) -> None:
+        if not self.notifier.enabled:
+            return
+        now = time.monotonic()
+        if not force and now - self._last_status < STATUS_EVERY:
+            return
+        self._last_status = now
+        counts = self.outbox.counts()
+        parts = []
+        if self.mqtt is not None:
+            parts.append("mqtt " + ("connected" if self.mqtt.status().get("connected")
+                                    else "DISCONNECTED"))
+        parts.append(f"outbox {counts.get('pending', 0)} pending, {counts.get('dead', 0)} dead")
+        ok, why = self.outbox.health()
+        if not ok:
+            parts.append(f"OUTBOX {why}")
+        last = self.dispatcher.last_event
+        if last is not None:
+            parts.append(f"last event {last.type} {last.source} at {rfc3339(last.ts)}")
+        self.notifier.status("; ".join(parts))

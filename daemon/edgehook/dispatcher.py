@@ -1,0 +1,217 @@
+"""The event bus and the one dispatcher thread: events in, rules evaluated, actions run.
+
+Sources (pins, MQTT, HTTP, timers) only `put()`; everything else happens here, in
+order, on one thread. Webhook actions of a whole batch of events go to the outbox in
+one transaction (group commit) before any of those events counts as handled.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import CommandError, EdgehookError
+from .events import Event
+from .rules import OutputCall, Plan, PublishCall, RuleEngine, WebhookCall
+
+_LOG = logging.getLogger(__name__)
+
+QUEUE_SIZE = 10_000
+BATCH = 256
+STALL_AFTER = 30.0  # seconds busy on one batch before the dispatcher counts as stuck
+RECENT = 50
+
+
+@dataclass(slots=True)
+class Reply:
+    """Filled by the dispatcher once an event's actions ran (for sync hooks)."""
+
+    done: threading.Event = field(default_factory=threading.Event)
+    results: list[dict[str, Any]] = field(default_factory=list)
+    fired: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+class Bus:
+    """A bounded queue; when full the oldest event is dropped, counted and logged."""
+
+    def __init__(self, maxsize: int = QUEUE_SIZE) -> None:
+        self._q: deque[tuple[Event, Reply | None]] = deque()
+        self._cond = threading.Condition()
+        self.maxsize = maxsize
+        self.dropped = 0
+        self.closed = False
+
+    def put(self, event: Event, reply: Reply | None = None) -> None:
+        """Queue an event; never blocks the caller (a pin or paho thread)."""
+        with self._cond:
+            if len(self._q) >= self.maxsize:
+                old, old_reply = self._q.popleft()
+                self.dropped += 1
+                _LOG.error("event queue full (%d): dropped oldest event %s %s from %s",
+                           self.maxsize, old.id, old.type, old.source)
+                if old_reply is not None:
+                    old_reply.errors.append("dropped: event queue full")
+                    old_reply.done.set()
+            self._q.append((event, reply))
+            self._cond.notify()
+
+    def get_batch(self, limit: int, timeout: float | None) -> list[tuple[Event, Reply | None]]:
+        """Wait for at least one event (or close/timeout) and take up to `limit`."""
+        with self._cond:
+            if not self._q and not self.closed:
+                self._cond.wait(timeout)
+            n = min(limit, len(self._q))
+            return [self._q.popleft() for _ in range(n)]
+
+    def close(self) -> None:
+        with self._cond:
+            self.closed = True
+            self._cond.notify_all()
+
+    def __len__(self) -> int:
+        return len(self._q)
+
+
+@dataclass(slots=True)
+class Actions:
+    """The side effects the dispatcher may cause, injected by app.py."""
+
+    store: Callable[[Sequence[tuple[Event, WebhookCall]]], None]   # outbox, one transaction
+    set_output: Callable[[str, str, float | None, str], dict[str, Any]]
+    publish: Callable[[str, bytes, int, bool], None]
+    states: Callable[[], dict[str, Any]]
+    observe: Callable[[Event, Plan], None] = lambda e, p: None     # mirrors, metrics
+
+
+class Dispatcher:
+    """Runs rules for every event on one thread; `engine` is swapped whole on reload."""
+
+    def __init__(self, bus: Bus, engine: RuleEngine, actions: Actions) -> None:
+        self.bus = bus
+        self.engine = engine
+        self.actions = actions
+        self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT)
+        self.last_event: Event | None = None
+        self.events_total = 0
+        self.store_failures = 0
+        self._busy_since: float | None = None
+        self._thread: threading.Thread | None = None
+        self._hang = os.environ.get("EDGEHOOK_TEST_HANG_EVENT")  # test-only fault, see README
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="edgehook-dispatcher",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Finish what is queued, then stop."""
+        self.bus.close()
+        if self._thread:
+            self._thread.join(timeout)
+
+    def stalled_for(self) -> float:
+        """Seconds the current batch has been running (0 while idle)."""
+        since = self._busy_since
+        return 0.0 if since is None else time.monotonic() - since
+
+    def healthy(self) -> bool:
+        """False when the thread died or one batch has run longer than STALL_AFTER."""
+        alive = self._thread is not None and self._thread.is_alive()
+        return alive and self.stalled_for() < STALL_AFTER
+
+    def _run(self) -> None:
+        while True:
+            batch = self.bus.get_batch(BATCH, None)
+            if not batch:
+                if self.bus.closed:
+                    return
+                continue
+            self._busy_since = time.monotonic()
+            try:
+                self.process(batch)
+            except Exception:
+                _LOG.exception("dispatcher: batch of %d events failed", len(batch))
+            finally:
+                self._busy_since = None
+
+    def process(self, batch: Sequence[tuple[Event, Reply | None]]) -> None:
+        """Evaluate a batch, store its webhooks in one transaction, then run the rest."""
+        engine = self.engine
+        plans: list[Plan] = []
+        stored: list[tuple[Event, WebhookCall]] = []
+        for event, _ in batch:
+            if self._hang and event.type == self._hang:
+                _LOG.warning("EDGEHOOK_TEST_HANG_EVENT: dispatcher hangs on %s", event.id)
+                threading.Event().wait()
+            plan = engine.evaluate(event, self.actions.states)
+            plans.append(plan)
+            stored.extend((event, c) for c in plan.calls if isinstance(c, WebhookCall))
+        store_error = None
+        if stored:
+            try:
+                self.actions.store(stored)
+            except EdgehookError as exc:
+                store_error = str(exc)
+                self.store_failures += len(stored)
+        for (event, reply), plan in zip(batch, plans, strict=True):
+            self._run_plan(event, plan, reply, store_error)
+
+    def _run_plan(self, event: Event, plan: Plan, reply: Reply | None,
+                  store_error: str | None) -> None:
+        self.events_total += 1
+        self.last_event = event
+        _LOG.info("event %s %s from %s%s", event.id, event.type, event.source,
+                  f": rules {', '.join(plan.fired)}" if plan.fired else "")
+        results: list[dict[str, Any]] = []
+        errors = list(plan.errors)
+        for err in plan.errors:
+            _LOG.error("event %s: %s (action skipped)", event.id, err)
+        for call in plan.calls:
+            try:
+                if isinstance(call, WebhookCall):
+                    if store_error:
+                        msg = f"webhook {call.target} NOT stored: {store_error}"
+                        _LOG.error("event %s: rule %s: %s", event.id, call.rule, msg)
+                        errors.append(msg)
+                        continue
+                    _LOG.info("event %s: rule %s: webhook %s queued", event.id, call.rule,
+                              call.target)
+                    results.append({"webhook": call.target, "queued": True})
+                elif isinstance(call, OutputCall):
+                    state = self.actions.set_output(call.output, call.state, call.duration,
+                                                    f"rule {call.rule}, event {event.id}")
+                    _LOG.info("event %s: rule %s: output %s %s%s", event.id, call.rule,
+                              call.output, call.state,
+                              f" for {call.duration:g} s" if call.duration else "")
+                    results.append({"output": call.output, **state})
+                elif isinstance(call, PublishCall):
+                    self.actions.publish(call.topic, call.payload, call.qos, call.retain)
+                    _LOG.info("event %s: rule %s: publish %s", event.id, call.rule, call.topic)
+                    results.append({"publish": call.topic})
+            except (CommandError, KeyError) as exc:
+                msg = f"rule {call.rule}: {type(call).__name__}: {exc}"
+                _LOG.error("event %s: %s", event.id, msg)
+                errors.append(msg)
+            except Exception as exc:  # an action must never stop the next one
+                msg = f"rule {call.rule}: {type(exc).__name__}: {exc}"
+                _LOG.exception("event %s: %s", event.id, msg)
+                errors.append(msg)
+        self.recent.appendleft({"id": event.id, "type": event.type, "source": event.source,
+                                "time": event.time, "rules": plan.fired, "results": results,
+                                "errors": errors})
+        try:
+            self.actions.observe(event, plan)
+        except Exception:
+            _LOG.exception("event %s: observer failed", event.id)
+        if reply is not None:
+            reply.results = results
+            reply.fired = plan.fired
+            reply.errors = errors
+            reply.done.set()

@@ -1,0 +1,232 @@
+"""Pure rule evaluation: an event in, the planned actions out (nothing is executed here).
+
+Rules are indexed by trigger once, when the config is loaded, so matching an event
+costs a dict lookup (or a topic-trie walk for MQTT), never a scan of every rule.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from paho.mqtt.matcher import MQTTMatcher
+
+from .config import Config, OutputAction, PublishAction, Rule, WebhookAction
+from .events import Event
+from .templates import TemplateError, is_truthy, render_tree, tree_is_static
+
+_LOG = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookCall:
+    """Post `body` to a target; the URL and headers are already rendered."""
+
+    rule: str
+    target: str
+    url: str
+    headers: dict[str, str]
+    body: bytes
+    content_type: str
+
+
+@dataclass(frozen=True, slots=True)
+class OutputCall:
+    """Set an output on, off or toggle, optionally reverting after `duration`."""
+
+    rule: str
+    output: str
+    state: str
+    duration: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PublishCall:
+    """Publish an MQTT message."""
+
+    rule: str
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+
+
+Call = WebhookCall | OutputCall | PublishCall
+
+
+@dataclass(slots=True)
+class Plan:
+    """What one event asks for: the calls in order, the rules that fired, what failed."""
+
+    calls: list[Call] = field(default_factory=list)
+    fired: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+def event_context(event: Event, device: dict[str, str]) -> dict[str, Any]:
+    """The `event` template variable: the wire shape with `data` keys also at the top."""
+    ctx = dict(event.data)
+    ctx.update(event.to_wire(device))
+    return ctx
+
+
+class RuleEngine:
+    """Matches events to rules and renders their actions; tracks cooldowns."""
+
+    def __init__(self, cfg: Config, clock: Callable[[], float] | None = None) -> None:
+        self.cfg = cfg
+        self.device = {"id": cfg.device.id, "name": cfg.device.name}
+        self._index: dict[tuple[str, ...], list[tuple[int, Rule]]] = {}
+        self._mqtt = MQTTMatcher()
+        self._last_fired: dict[int, float] = {}
+        for i, rule in enumerate(cfg.rules):
+            w = rule.when
+            if w.kind == "mqtt":
+                if w.event == "message":
+                    try:
+                        self._mqtt[w.name].append((i, rule))
+                    except KeyError:
+                        self._mqtt[w.name] = [(i, rule)]
+                else:
+                    self._add(("mqtt." + w.event, w.name), i, rule)
+            elif w.kind == "input":
+                self._add(("input." + w.event, w.name), i, rule)
+            elif w.kind in ("hook", "output"):
+                self._add((w.kind, w.name), i, rule)
+            elif w.kind == "start":
+                self._add(("start",), i, rule)
+            else:  # at / every: the scheduler names the rule by index
+                self._add(("timer", str(i)), i, rule)
+        self._static_bodies = self._prerender_static()
+
+    def _add(self, key: tuple[str, ...], i: int, rule: Rule) -> None:
+        self._index.setdefault(key, []).append((i, rule))
+
+    def _prerender_static(self) -> dict[tuple[int, int], tuple[bytes, str]]:
+        out = {}
+        for i, rule in enumerate(self.cfg.rules):
+            for j, a in enumerate(rule.actions):
+                if isinstance(a, WebhookAction) and a.body is not None and \
+                        tree_is_static(a.body):
+                    out[(i, j)] = encode_body(render_tree(a.body, {}))
+        return out
+
+    def mqtt_filters(self) -> list[tuple[str, int]]:
+        """Every MQTT filter the rules need, with its QoS (highest wins)."""
+        qos: dict[str, int] = {}
+        for rule in self.cfg.rules:
+            if rule.when.kind == "mqtt":
+                qos[rule.when.name] = max(qos.get(rule.when.name, 0), rule.when.qos)
+        return sorted(qos.items())
+
+    def match(self, event: Event) -> list[tuple[int, Rule]]:
+        """The rules whose trigger matches the event (before `if` and cooldown)."""
+        t = event.type
+        if t == "mqtt.message":
+            found: list[tuple[int, Rule]] = []
+            for rules in self._mqtt.iter_match(event.source):
+                found.extend(rules)
+            retained = bool(event.data.get("retain"))
+            found = [(i, r) for i, r in found if r.when.retained or not retained]
+            return sorted(found, key=lambda x: x[0])
+        if t.startswith("input.") or t in ("mqtt.silent", "mqtt.resumed"):
+            return self._index.get((t, event.source), [])
+        if t == "hook.received":
+            return self._index.get(("hook", event.source), [])
+        if t == "output.changed":
+            state = event.data.get("state")
+            return [(i, r) for i, r in self._index.get(("output", event.source), [])
+                    if not r.when.event or r.when.event == state]
+        if t == "daemon.started":
+            return self._index.get(("start",), [])
+        if t == "timer.fired":
+            return self._index.get(("timer", str(event.data.get("rule_index"))), [])
+        return []
+
+    def evaluate(self, event: Event, states: Callable[[], dict[str, Any]] | None = None,
+                 now: float | None = None) -> Plan:
+        """Plan the actions for one event; a failing template skips only its action."""
+        plan = Plan()
+        matched = self.match(event)
+        if not matched:
+            return plan
+        ts = event.ts if now is None else now
+        ctx: dict[str, Any] | None = None
+        for i, rule in matched:
+            if rule.cooldown and ts - self._last_fired.get(i, float("-inf")) < rule.cooldown:
+                _LOG.debug("event %s: rule %s in cooldown", event.id, rule.name)
+                continue
+            if ctx is None:
+                ctx = self._context(event, states)
+            if rule.condition is not None:
+                try:
+                    if not is_truthy(rule.condition.render(ctx)):
+                        continue
+                except TemplateError as exc:
+                    plan.errors.append(f"rule {rule.name}: if: {exc}")
+                    continue
+            self._last_fired[i] = ts
+            plan.fired.append(rule.name)
+            for j, action in enumerate(rule.actions):
+                try:
+                    plan.calls.append(self._render(i, j, rule, action, event, ctx))
+                except TemplateError as exc:
+                    plan.errors.append(f"rule {rule.name}: action {j + 1}: {exc}")
+        return plan
+
+    def _context(self, event: Event, states: Callable[[], dict[str, Any]] | None
+                 ) -> dict[str, Any]:
+        ctx: dict[str, Any] = {"event": event_context(event, self.device),
+                               "device": self.device, "now": datetime.now().astimezone()}
+        extra = states() if states else {}
+        ctx["inputs"] = extra.get("inputs", {})
+        ctx["outputs"] = extra.get("outputs", {})
+        return ctx
+
+    def _render(self, i: int, j: int, rule: Rule, action: Any, event: Event,
+                ctx: dict[str, Any]) -> Call:
+        if isinstance(action, WebhookAction):
+            target = self.cfg.webhooks[action.webhook]
+            if action.body is None:
+                body, ctype = json.dumps(event.to_wire(self.device),
+                                         separators=(",", ":")).encode(), "application/json"
+            elif (i, j) in self._static_bodies:
+                body, ctype = self._static_bodies[(i, j)]
+            else:
+                body, ctype = encode_body(render_tree(action.body, ctx))
+            return WebhookCall(rule.name, action.webhook, target.url.render(ctx),
+                               {k: v.render(ctx) for k, v in target.headers.items()},
+                               body, ctype)
+        if isinstance(action, OutputAction):
+            state = action.set.render(ctx).strip().lower()
+            state = {"true": "on", "false": "off", "1": "on", "0": "off"}.get(state, state)
+            if state not in ("on", "off", "toggle"):
+                raise TemplateError(f"set rendered {state!r}, not on, off or toggle")
+            return OutputCall(rule.name, action.output, state, action.duration)
+        if isinstance(action, PublishAction):
+            payload = render_tree(action.payload, ctx)
+            if isinstance(payload, (dict, list)):
+                data = json.dumps(payload, separators=(",", ":")).encode()
+            else:
+                data = ("" if payload is None else str(payload)).encode()
+            topic = action.topic.render(ctx)
+            if not topic or "+" in topic or "#" in topic:
+                raise TemplateError(f"publish topic {topic!r} is not a valid topic")
+            return PublishCall(rule.name, topic, data, action.qos, action.retain)
+        raise TypeError(action)
+
+
+def encode_body(value: Any) -> tuple[bytes, str]:
+    """A mapping or list becomes JSON; a string is sent as-is, as JSON if it parses."""
+    if isinstance(value, (dict, list, int, float, bool)) or value is None:
+        return json.dumps(value, separators=(",", ":")).encode(), "application/json"
+    text = str(value)
+    try:
+        json.loads(text)
+    except ValueError:
+        return text.encode(), "text/plain; charset=utf-8"
+    return text.encode(), "application/json"

@@ -1,0 +1,209 @@
+"""Hostile-safe YAML reading: a node tree with marks, custom tags, and no surprises.
+
+We compose (never construct) with PyYAML's SafeLoader, then walk the nodes ourselves
+so that every value keeps its FILE:LINE:COL, duplicate keys are errors, alias
+expansion is capped (a "billion laughs" file is refused), and only `!env` and `!file`
+are accepted as custom tags.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+MAX_FILE_BYTES = 1024 * 1024
+MAX_NODES = 100_000  # nodes visited while walking, aliases counted each time they expand
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$([A-Za-z_][A-Za-z0-9_]*)")
+
+
+@dataclass(frozen=True, slots=True)
+class Mark:
+    """A position in a config file, printed as FILE:LINE:COL (1-based)."""
+
+    file: str
+    line: int
+    col: int
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}:{self.col}"
+
+
+@dataclass(slots=True)
+class Located:
+    """A YAML value with where it came from; mappings hold Located keys and values."""
+
+    value: Any
+    mark: Mark
+    secret: bool = False  # came from !env or !file: mask it when printed
+    keys: dict[str, Mark] | None = None  # for mappings: where each key was written
+
+
+class YamlProblems(Exception):
+    """Raised with every problem found while reading (marks included)."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+class _Walker:
+    def __init__(self, filename: str, environ: dict[str, str], base: Path) -> None:
+        self.filename = filename
+        self.environ = environ
+        self.base = base
+        self.problems: list[str] = []
+        self.count = 0
+        self._scalar = yaml.SafeLoader("")  # only used for its scalar constructors
+
+    def mark(self, node: yaml.Node) -> Mark:
+        m = node.start_mark
+        return Mark(self.filename, m.line + 1, m.column + 1)
+
+    def error(self, node: yaml.Node, msg: str) -> None:
+        self.problems.append(f"{self.mark(node)}: {msg}")
+
+    def walk(self, node: yaml.Node) -> Located:
+        self.count += 1
+        if self.count > MAX_NODES:
+            raise YamlProblems([f"{self.mark(node)}: too many YAML nodes (more than {MAX_NODES} "
+                                "after expanding aliases); refusing to read further"])
+        mark = self.mark(node)
+        if isinstance(node, yaml.MappingNode):
+            return self._mapping(node, mark)
+        if isinstance(node, yaml.SequenceNode):
+            return Located([self.walk(item) for item in node.value], mark)
+        return self._scalar_node(node, mark)
+
+    def _mapping(self, node: yaml.MappingNode, mark: Mark) -> Located:
+        if node.tag not in ("tag:yaml.org,2002:map",):
+            self.error(node, f"unsupported tag {node.tag!r} on a mapping")
+        out: dict[str, Located] = {}
+        keys: dict[str, Located] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                self.error(key_node, "merge keys (<<) are not supported; repeat the keys")
+                continue
+            key = self.walk(key_node)
+            if isinstance(key.value, (dict, list)) or key.value is None:
+                self.error(key_node, "a mapping key must be a plain value")
+                continue
+            name = str(key.value) if not isinstance(key.value, bool) else _yaml_bool(key_node)
+            if name in out:
+                self.error(key_node, f"duplicate key {name!r} (first at line "
+                                     f"{keys[name].mark.line})")
+                continue
+            keys[name] = key
+            out[name] = self.walk(value_node)
+        return Located(out, mark, keys={k: v.mark for k, v in keys.items()})
+
+    def _scalar_node(self, node: yaml.ScalarNode, mark: Mark) -> Located:
+        tag = node.tag
+        if tag == "!env":
+            return self._env(node, mark)
+        if tag == "!file":
+            return self._file(node, mark)
+        constructor = yaml.SafeLoader.yaml_constructors.get(tag)
+        if tag.startswith("!") or constructor is None or tag in (
+            "tag:yaml.org,2002:binary", "tag:yaml.org,2002:timestamp", "tag:yaml.org,2002:set",
+            "tag:yaml.org,2002:omap", "tag:yaml.org,2002:pairs",
+        ):
+            if tag == "tag:yaml.org,2002:timestamp":  # a bare date: keep the text
+                return Located(node.value, mark)
+            self.error(node, f"unsupported tag {tag!r} (only !env and !file are allowed)")
+            return Located(None, mark)
+        return Located(constructor(self._scalar, node), mark)
+
+    def _env(self, node: yaml.ScalarNode, mark: Mark) -> Located:
+        parts = str(node.value).split(None, 1)
+        if not parts:
+            self.error(node, "!env needs a variable name: !env NAME [DEFAULT]")
+            return Located(None, mark)
+        name = parts[0]
+        if name in self.environ:
+            return Located(self.environ[name], mark, secret=True)
+        if len(parts) == 2:
+            return Located(parts[1], mark, secret=True)
+        self.error(node, f"environment variable {name} is not set (write !env {name} DEFAULT "
+                         "to give a default)")
+        return Located(None, mark)
+
+    def _file(self, node: yaml.ScalarNode, mark: Mark) -> Located:
+        raw = str(node.value).strip()
+        missing: list[str] = []
+
+        def sub(m: re.Match[str]) -> str:
+            var = m.group(1) or m.group(2)
+            if var not in self.environ:
+                missing.append(var)
+                return ""
+            return self.environ[var]
+
+        expanded = _VAR.sub(sub, raw)
+        if missing:
+            self.error(node, f"!file {raw}: environment variable {missing[0]} is not set")
+            return Located(None, mark)
+        path = Path(expanded)
+        if not path.is_absolute():
+            path = self.base / path
+        try:
+            if path.stat().st_size > MAX_FILE_BYTES:
+                self.error(node, f"!file {path}: larger than {MAX_FILE_BYTES} bytes")
+                return Located(None, mark)
+            return Located(path.read_text(encoding="utf-8").strip(), mark, secret=True)
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc)
+            self.error(node, f"!file {path}: cannot read ({reason})")
+            return Located(None, mark)
+
+
+def _yaml_bool(node: yaml.Node) -> str:
+    """Keep `on:`/`off:` keys as the words written, not True/False."""
+    return str(node.value)
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that lets our own tags through to the node tree untouched."""
+
+
+def read_yaml(path: str | os.PathLike[str],
+              environ: dict[str, str] | None = None) -> tuple[Located, list[str]]:
+    """Read a config file into Located values plus the problems found on the way.
+
+    Raises YamlProblems only when nothing useful could be read (no file, bad syntax).
+    """
+    p = Path(path)
+    name = str(path)
+    try:
+        size = p.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise YamlProblems([f"{name}:1:1: file is {size} bytes, more than the "
+                                f"{MAX_FILE_BYTES} allowed"])
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise YamlProblems([f"{name}:1:1: no such file"]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise YamlProblems([f"{name}:1:1: cannot read ({exc})"]) from None
+    return parse_yaml(text, name, environ, base=p.parent)
+
+
+def parse_yaml(text: str, name: str = "<string>", environ: dict[str, str] | None = None,
+               base: Path | None = None) -> tuple[Located, list[str]]:
+    """Parse YAML text into Located values plus problems (bad tags, unset variables...)."""
+    try:
+        root = yaml.compose(text, Loader=_Loader)
+    except yaml.MarkedYAMLError as exc:
+        m = exc.problem_mark or exc.context_mark
+        where = f"{name}:{m.line + 1}:{m.column + 1}" if m else f"{name}:1:1"
+        raise YamlProblems([f"{where}: YAML syntax error: {exc.problem or exc.context}"]) from None
+    except yaml.YAMLError as exc:
+        raise YamlProblems([f"{name}:1:1: YAML error: {exc}"]) from None
+    if root is None:
+        return Located({}, Mark(name, 1, 1)), []
+    walker = _Walker(name, dict(os.environ if environ is None else environ),
+                     base or Path.cwd())
+    return walker.walk(root), walker.problems
