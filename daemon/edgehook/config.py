@@ -560,20 +560,41 @@ class _Builder:
         gpio = self.gpio(raw.get("gpio") or {})
         mqtt = self.mqtt(raw.get("mqtt"), device) if raw.get("mqtt") is not None else None
         http = self.http(raw.get("http") or {})
-        webhooks = {n: self.webhook(n, w) for n, w in (raw.get("webhooks") or {}).items() if w}
-        hooks = {n: self.hook(n, h) for n, h in (raw.get("hooks") or {}).items() if h}
-        rules = tuple(r for r in (self.rule(i, r, gpio, webhooks, hooks, mqtt)
-                                  for i, r in enumerate(raw.get("rules") or []) if r) if r)
+        webhooks = self._each(raw.get("webhooks"), self.webhook)
+        hooks = self._each(raw.get("hooks"), self.hook)
+        rules = tuple(self._each(
+            dict(enumerate(raw.get("rules") or [])),
+            lambda i, r: self.rule(i, r, gpio, webhooks, hooks, mqtt)).values())
         return Config(path=path, device=device, state_dir=state_dir, gpio=gpio, mqtt=mqtt,
                       http=http, webhooks=webhooks, hooks=hooks, rules=rules, raw=raw,
                       secret_paths=frozenset(self.c.secrets))
+
+    def _each(self, items: dict[Any, Any] | None, build: Any) -> dict[Any, Any]:
+        """Build each named item; one whose values already failed the schema is skipped.
+
+        A value the schema rejected is None here, so building it may raise; that is
+        only a consequence of a problem already reported, never a new one.
+        """
+        out = {}
+        for name, value in (items or {}).items():
+            if not value:
+                continue
+            try:
+                built = build(name, value)
+            except (TypeError, KeyError, AttributeError):
+                if not self.c.problems:
+                    raise
+                continue
+            if built is not None:
+                out[name] = built
+        return out
 
     def gpio(self, g: dict[str, Any]) -> GpioConfig:
         inputs: dict[str, InputConfig] = {}
         outputs: dict[str, OutputConfig] = {}
         pins: dict[str, tuple[str, ...]] = {}
         for name, i in (g.get("inputs") or {}).items():
-            if not i:
+            if not i or i.get("pin") is None:
                 continue
             p = ("gpio", "inputs", name)
             if i["pull"] == "none" and not i.get("active"):
@@ -592,7 +613,7 @@ class _Builder:
                 expect_every=i.get("expect_every"))
             self._pin(pins, i["pin"], (*p, "pin"))
         for name, o in (g.get("outputs") or {}).items():
-            if not o:
+            if not o or o.get("pin") is None:
                 continue
             p = ("gpio", "outputs", name)
             outputs[name] = OutputConfig(
@@ -669,10 +690,9 @@ class _Builder:
     def webhook(self, name: str, w: dict[str, Any]) -> WebhookConfig:
         p = ("webhooks", name)
         url = self.template(w["url"], (*p, "url"))
-        if url is not None and getattr(url, "is_static", False):
-            if not re.match(r"^https?://[^/\s]+", url.source):
-                self.err((*p, "url"), f"webhooks.{name}.url: {url.source!r} is not an "
-                                      "http(s) URL")
+        if url is not None and getattr(url, "is_static", False) \
+                and not re.match(r"^https?://[^/\s]+", url.source):
+            self.err((*p, "url"), f"webhooks.{name}.url: {url.source!r} is not an http(s) URL")
         headers = {k: self.template(v, (*p, "headers", k)) for k, v in w["headers"].items()}
         retry = w.get("retry") or {"max_attempts": 12, "max_age": 900.0}
         return WebhookConfig(name=name, url=url, method=w["method"], headers=headers,

@@ -285,7 +285,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.end_headers()
             if self.command != "HEAD":
                 self.wfile.write(data)
-        except (BrokenPipeError, ConnectionResetError, TimeoutError, socket.timeout):
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
             self.close_connection = True
 
     def __getattr__(self, name: str) -> Any:

@@ -76,12 +76,18 @@ class _Walker:
         if isinstance(node, yaml.MappingNode):
             return self._mapping(node, mark)
         if isinstance(node, yaml.SequenceNode):
+            if node.tag != "tag:yaml.org,2002:seq":
+                self.error(node, f"unsupported tag {node.tag!r} (only !env and !file are "
+                                 "allowed)")
+                return Located(None, mark)
             return Located([self.walk(item) for item in node.value], mark)
         return self._scalar_node(node, mark)
 
     def _mapping(self, node: yaml.MappingNode, mark: Mark) -> Located:
-        if node.tag not in ("tag:yaml.org,2002:map",):
-            self.error(node, f"unsupported tag {node.tag!r} on a mapping")
+        if node.tag != "tag:yaml.org,2002:map":
+            self.error(node, f"unsupported tag {node.tag!r} (only !env and !file are "
+                             "allowed)")
+            return Located(None, mark)
         out: dict[str, Located] = {}
         keys: dict[str, Located] = {}
         for key_node, value_node in node.value:

@@ -1,0 +1,249 @@
+"""Config loading: good configs load; every bad one names FILE:LINE:COL, all at once."""
+
+from __future__ import annotations
+
+import re
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from edgehook.config import (
+    load_config,
+    parse_duration,
+    parse_listen,
+    parse_onoff,
+    parse_size,
+)
+from edgehook.errors import ConfigError
+
+BASE = """\
+device: {id: front-door, name: Front door}
+gpio:
+  backend: mock
+  inputs:
+    doorbell: {pin: GPIO17, class: doorbell, hold: 2s}
+  outputs:
+    porch_light: {pin: GPIO27, class: light}
+webhooks:
+  discord: {url: "http://127.0.0.1:9/hook"}
+hooks:
+  porch: {auth: {token: abc}}
+rules:
+  - name: ring
+    when: {input: doorbell}
+    do:
+      - webhook: discord
+      - output: porch_light
+        set: on
+        for: 30s
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "c.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(textwrap.dedent(text))
+    return p
+
+
+def problems(tmp_path: Path, text: str, env: dict[str, str] | None = None) -> list[str]:
+    p = write(tmp_path, text)
+    with pytest.raises(ConfigError) as exc:
+        load_config(p, environ=env or {})
+    return exc.value.problems
+
+
+def test_base_config_loads(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, BASE), environ={})
+    assert cfg.summary() == "config OK: 1 input, 1 output, 1 rule, 1 webhook, 1 hook"
+    assert cfg.device.id == "front-door"
+    assert cfg.gpio.inputs["doorbell"].hold == 2.0
+    assert cfg.rules[0].actions[1].duration == 30.0
+
+
+# Each case: YAML text, expected line, and a regex the message must match.
+BAD = [
+    ("unknown key with suggestion", "gpio:\n  backend: mock\n  inptus: {}\n", 3,
+     r"unknown key 'inptus' \(did you mean 'inputs'\?\)"),
+    ("bad enum", "gpio:\n  backend: lgpio\n", 2, r"'lgpio' is not one of auto, mock"),
+    ("bad duration", "gpio:\n  inputs:\n    b: {pin: 17, hold: 2 seconds}\n", 3,
+     r"not a duration"),
+    ("missing pin", "gpio:\n  inputs:\n    b: {pull: up}\n", 3, r"missing required key 'pin'"),
+    ("rule names missing input", "gpio: {inputs: {b: {pin: 17}}}\nrules:\n"
+     "  - when: {input: bell}\n    do: [{publish: x}]\n", 3,
+     r"no input named 'bell'"),
+    ("rule names missing output", "gpio: {outputs: {light: {pin: 17}}}\nrules:\n"
+     "  - when: {start: true}\n    do:\n      - output: lihgt\n        set: on\n", 5,
+     r"no output named 'lihgt' \(did you mean 'light'\?\)"),
+    ("rule names missing webhook", "rules:\n  - when: {start: true}\n"
+     "    do: [{webhook: nowhere}]\n", 3, r"no webhook named 'nowhere'"),
+    ("rule names missing hook", "rules:\n  - when: {hook: door}\n    do: [{webhook: x}]\n",
+     2, r"no hook named 'door'"),
+    ("missing env var", "http:\n  api_token: !env EDGEHOOK_TEST_UNSET_VAR\n", 2,
+     r"environment variable EDGEHOOK_TEST_UNSET_VAR is not set"),
+    ("duplicate key", "gpio:\n  backend: mock\n  backend: auto\n", 3,
+     r"duplicate key 'backend' \(first at line 2\)"),
+    ("python tag", "device: !!python/object/apply:os.system ['true']\n", 1,
+     r"unsupported tag"),
+    ("two triggers", "gpio: {inputs: {b: {pin: 17}}}\nrules:\n"
+     "  - when: {input: b, hook: x}\n    do: [{output: o, set: on}]\n", 3,
+     r"use only one of input, hook"),
+    ("no trigger", "rules:\n  - when: {}\n    do: [{webhook: x}]\n", 2, r"needs one of"),
+    ("empty do", "gpio: {inputs: {b: {pin: 17}}}\nrules:\n  - when: {input: b}\n    do: []\n",
+     4, r"needs at least 1"),
+    ("bad set word", "gpio: {outputs: {o: {pin: 17}}}\nrules:\n  - when: {start: true}\n"
+     "    do:\n      - output: o\n        set: maybe\n", 6, r"'maybe' is not on, off or toggle"),
+    ("template syntax", "gpio: {outputs: {o: {pin: 17}}}\nrules:\n  - when: {start: true}\n"
+     "    if: '{{ event.type == }}'\n    do: [{output: o, set: on}]\n", 4, r"template error"),
+    ("LAN listener without token", "http:\n  listen: 0.0.0.0:8080\n", 2,
+     r"api_token is required"),
+    ("hook without auth", "hooks:\n  porch: {respond: sync}\n", 2,
+     r"missing required key 'auth'"),
+    ("auth word typo", "hooks:\n  porch: {auth: nnone}\n", 2, r"or the word 'none'"),
+    ("pin used twice", "gpio:\n  inputs: {a: {pin: 17}}\n  outputs: {b: {pin: GPIO17}}\n", 3,
+     r"pin GPIO17 is already used by gpio.inputs.a"),
+    ("pull none needs active", "gpio:\n  inputs:\n    a: {pin: 17, pull: none}\n", 3,
+     r"pull: none needs active"),
+    ("held needs hold", "gpio: {inputs: {a: {pin: 17}}}\nrules:\n"
+     "  - when: {input: a, event: held}\n    do: [{publish: t}]\n", 3,
+     r"event held needs gpio.inputs.a.hold"),
+    ("mqtt trigger without mqtt", "rules:\n  - when: {mqtt: a/b}\n    do: [{webhook: x}]\n", 2,
+     r"an mqtt trigger needs an mqtt: section"),
+    ("bad mqtt filter", "mqtt: {host: localhost}\nrules:\n  - when: {mqtt: 'a/#/b'}\n"
+     "    do: [{publish: x}]\n", 3, r"not a valid MQTT topic filter"),
+    ("bad port type", "mqtt: {host: localhost, port: eighty}\n", 1, r"expected a whole number"),
+    ("port range", "mqtt: {host: localhost, port: 70000}\n", 1, r"above the maximum 65535"),
+    ("bad device id", "device: {id: Front Door}\n", 1, r"does not match"),
+    ("bad url", "webhooks:\n  x: {url: 'ftp://example'}\n", 2, r"is not an http\(s\) URL"),
+    ("not a mapping", "- just\n- a list\n", 1, r"the config must be a mapping"),
+    ("yaml syntax", "gpio:\n  backend: [mock\n", 3, r"YAML syntax error"),
+    ("bad cidr", "hooks:\n  h:\n    auth: none\n    allow_from: [300.1.1.0/24]\n", 4,
+     r"not an address or CIDR range"),
+    ("bad at time", "rules:\n  - when: {at: '25:00'}\n    do: [{webhook: x}]\n", 2,
+     r"does not match"),
+]
+
+
+@pytest.mark.parametrize("text,line,pattern", [c[1:] for c in BAD], ids=[c[0] for c in BAD])
+def test_bad_config_names_file_line_and_problem(tmp_path: Path, text: str, line: int,
+                                                pattern: str) -> None:
+    found = problems(tmp_path, text)
+    path = str(tmp_path / "c.yaml")
+    matching = [p for p in found if re.search(pattern, p)]
+    assert matching, f"no problem matches {pattern!r} in {found}"
+    assert matching[0].startswith(f"{path}:{line}:"), matching[0]
+    assert re.match(rf"^{re.escape(path)}:\d+:\d+: ", matching[0])
+
+
+def test_every_error_is_reported_at_once(tmp_path: Path) -> None:
+    found = problems(tmp_path, """\
+        gpio:
+          backend: lgpio
+          inputs:
+            a: {pin: 17, hold: forever}
+        mqtt: {host: x, port: nope}
+        rules:
+          - when: {input: missing}
+            do: [{webhook: nowhere}]
+        """)
+    assert len(found) >= 5, found
+    lines = [int(p.split(":")[1]) for p in found]
+    assert lines == sorted(lines), "problems come in file order"
+
+
+def test_env_and_file_tags(tmp_path: Path) -> None:
+    secret = tmp_path / "token.txt"
+    secret.write_text("s3cret\n")
+    cfg = load_config(write(tmp_path, f"""\
+        http:
+          api_token: !file {secret}
+        mqtt:
+          host: !env BROKER localhost
+          port: !env BROKER_PORT
+          password: !file ${{CREDENTIALS_DIRECTORY}}/token.txt
+        """), environ={"BROKER_PORT": "1884", "CREDENTIALS_DIRECTORY": str(tmp_path)})
+    assert cfg.http.api_token == "s3cret"
+    assert cfg.mqtt is not None
+    assert cfg.mqtt.host == "localhost"
+    assert cfg.mqtt.port == 1884
+    assert cfg.mqtt.password == "s3cret"
+    assert cfg.mqtt.topic_prefix == f"edgehook/{cfg.device.id}"
+
+
+def test_missing_file_tag_names_path(tmp_path: Path) -> None:
+    found = problems(tmp_path, "http:\n  api_token: !file /nonexistent/edgehook-token\n")
+    assert "/nonexistent/edgehook-token" in found[0] and ":2:" in found[0]
+
+
+def test_alias_bomb_is_refused_quickly(tmp_path: Path) -> None:
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n"
+    prev = "a"
+    for name in "bcdefghij":
+        bomb += f"{name}: &{name} [*{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, " \
+                f"*{prev}, *{prev}, *{prev}]\n"
+        prev = name
+    t0 = time.monotonic()
+    found = problems(tmp_path, bomb)
+    assert time.monotonic() - t0 < 2.0
+    assert any("too many YAML nodes" in p for p in found)
+
+
+def test_file_size_cap(tmp_path: Path) -> None:
+    p = tmp_path / "big.yaml"
+    p.write_text("# " + "x" * (1024 * 1024 + 10) + "\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(p, environ={})
+    assert "more than the" in exc.value.problems[0]
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_config(tmp_path / "nope.yaml", environ={})
+    assert exc.value.problems[0].endswith("no such file")
+
+
+def test_yaml_booleans_for_on_off_words(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, """\
+        gpio:
+          outputs:
+            o: {pin: 17, initial: on, on_stop: off}
+        """), environ={})
+    assert cfg.gpio.outputs["o"].initial == "on"
+    assert cfg.gpio.outputs["o"].on_stop == "off"
+
+
+def test_signing_secret_never_in_repr(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, """\
+        webhooks:
+          w:
+            url: http://127.0.0.1:1/x
+            signing: {scheme: standard, secret: [whsec_AAAA, topsecretvalue]}
+        """), environ={})
+    assert "topsecretvalue" not in repr(cfg.webhooks["w"])
+    assert cfg.webhooks["w"].signing is not None
+    assert cfg.webhooks["w"].signing.secrets == ("whsec_AAAA", "topsecretvalue")
+
+
+@pytest.mark.parametrize("text,seconds", [
+    ("250ms", 0.25), ("10s", 10), ("5m", 300), ("1h", 3600), ("1h30m", 5400), (3, 3.0),
+    ("1.5s", 1.5), ("2", 2.0)])
+def test_durations(text: object, seconds: float) -> None:
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", ["", "abc", "10 parsecs", "-1s", "5m x", True])
+def test_bad_durations(text: object) -> None:
+    with pytest.raises(ValueError):
+        parse_duration(text)
+
+
+def test_sizes_listen_onoff() -> None:
+    assert parse_size("64KiB") == 65536
+    assert parse_size("1MiB") == 1048576
+    assert parse_size(100) == 100
+    assert parse_listen("127.0.0.1:8080") == ("127.0.0.1", 8080)
+    assert parse_listen("[::1]:9000") == ("::1", 9000)
+    assert parse_onoff(True) == "on" and parse_onoff("OFF") == "off"
+    with pytest.raises(ValueError):
+        parse_listen("localhost")

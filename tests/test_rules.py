@@ -1,0 +1,193 @@
+"""The pure rule engine, table-driven: which events fire which rules, and what they plan."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from edgehook.config import Config, load_config
+from edgehook.events import make_event, new_id, rfc3339
+from edgehook.rules import OutputCall, PublishCall, RuleEngine, WebhookCall, encode_body
+
+CONFIG = """\
+device: {id: porch, name: Porch}
+gpio:
+  backend: mock
+  inputs:
+    doorbell: {pin: 17, hold: 1s, gestures: {double_click: 300ms}}
+  outputs:
+    light: {pin: 27}
+mqtt: {host: 127.0.0.1}
+webhooks:
+  chat:
+    url: "http://127.0.0.1:1/{{ event.source }}"
+    headers: {X-Device: "{{ device.id }}"}
+  plain: {url: "http://127.0.0.1:1/plain"}
+hooks:
+  porch: {auth: none}
+rules:
+  - name: ring
+    when: {input: doorbell}
+    cooldown: 10s
+    do:
+      - webhook: chat
+        body: {text: "ring at {{ device.name }}"}
+      - output: light
+        set: on
+        for: 30s
+  - name: double
+    when: {input: doorbell, event: double_click}
+    do: [{webhook: plain}]
+  - name: alarm
+    when: {mqtt: "alarm/+/state"}
+    if: "{{ event.payload.state == 'triggered' }}"
+    do:
+      - webhook: plain
+  - name: retained-ok
+    when: {mqtt: "sensors/#", retained: true}
+    do: [{publish: "echo/{{ event.topic }}", payload: {v: "{{ event.payload }}"}}]
+  - name: hook
+    when: {hook: porch}
+    do:
+      - output: light
+        set: "{{ event.body.state }}"
+  - name: broken
+    when: {hook: porch}
+    do:
+      - webhook: plain
+        body: "{{ event.body.missing.deeper }}"
+      - publish: after/broken
+  - name: light-on
+    when: {output: light, state: on}
+    do: [{publish: light/on}]
+  - name: hello
+    when: {start: true}
+    do: [{webhook: plain, body: "static text"}]
+"""
+
+
+@pytest.fixture()
+def cfg(tmp_path: Path) -> Config:
+    p = tmp_path / "c.yaml"
+    p.write_text(textwrap.dedent(CONFIG))
+    return load_config(p, environ={})
+
+
+CASES = [
+    # event type, source, data, expected fired rules
+    ("input.pressed", "doorbell", {"state": "on"}, ["ring"]),
+    ("input.released", "doorbell", {"state": "off"}, []),
+    ("input.double_click", "doorbell", {}, ["double"]),
+    ("input.pressed", "other", {}, []),
+    ("mqtt.message", "alarm/kitchen/state", {"payload": {"state": "triggered"}, "retain": False},
+     ["alarm"]),
+    ("mqtt.message", "alarm/kitchen/state", {"payload": {"state": "ok"}, "retain": False}, []),
+    ("mqtt.message", "alarm/kitchen/state", {"payload": {"state": "triggered"}, "retain": True},
+     []),
+    ("mqtt.message", "alarm/kitchen/other", {"payload": {"state": "triggered"}}, []),
+    ("mqtt.message", "sensors/a/b", {"payload": 3, "retain": True}, ["retained-ok"]),
+    ("hook.received", "porch", {"body": {"state": "off"}}, ["hook", "broken"]),
+    ("output.changed", "light", {"state": "on"}, ["light-on"]),
+    ("output.changed", "light", {"state": "off"}, []),
+    ("daemon.started", "porch", {}, ["hello"]),
+]
+
+
+@pytest.mark.parametrize("etype,source,data,fired", CASES)
+def test_matching(cfg: Config, etype: str, source: str, data: dict, fired: list[str]) -> None:
+    plan = RuleEngine(cfg).evaluate(make_event(etype, source, data))
+    assert plan.fired == fired
+
+
+def test_webhook_and_output_calls_are_rendered(cfg: Config) -> None:
+    plan = RuleEngine(cfg).evaluate(make_event("input.pressed", "doorbell", {"state": "on"}))
+    hook, out = plan.calls
+    assert isinstance(hook, WebhookCall)
+    assert hook.url == "http://127.0.0.1:1/doorbell"
+    assert hook.headers == {"X-Device": "porch"}
+    assert json.loads(hook.body) == {"text": "ring at Porch"}
+    assert hook.content_type == "application/json"
+    assert out == OutputCall("ring", "light", "on", 30.0)
+
+
+def test_event_body_is_the_wire_format_by_default(cfg: Config) -> None:
+    event = make_event("input.double_click", "doorbell", {"state": "off"})
+    (call,) = RuleEngine(cfg).evaluate(event).calls
+    assert isinstance(call, WebhookCall)
+    assert json.loads(call.body) == {
+        "id": event.id, "type": "input.double_click", "time": event.time,
+        "device": {"id": "porch", "name": "Porch"}, "source": "doorbell",
+        "data": {"state": "off"}}
+
+
+def test_cooldown(cfg: Config) -> None:
+    engine = RuleEngine(cfg)
+    e1 = make_event("input.pressed", "doorbell", ts=1000.0)
+    e2 = make_event("input.pressed", "doorbell", ts=1005.0)
+    e3 = make_event("input.pressed", "doorbell", ts=1010.5)
+    assert engine.evaluate(e1).fired == ["ring"]
+    assert engine.evaluate(e2).fired == []
+    assert engine.evaluate(e3).fired == ["ring"]
+
+
+def test_failing_template_skips_only_its_action(cfg: Config) -> None:
+    plan = RuleEngine(cfg).evaluate(make_event("hook.received", "porch",
+                                               {"body": {"state": "toggle"}}))
+    assert [type(c).__name__ for c in plan.calls] == ["OutputCall", "PublishCall"]
+    assert plan.calls[0] == OutputCall("hook", "light", "toggle", None)
+    assert len(plan.errors) == 1 and "rule broken: action 1" in plan.errors[0]
+
+
+def test_bad_set_value_is_an_error_not_a_call(cfg: Config) -> None:
+    plan = RuleEngine(cfg).evaluate(make_event("hook.received", "porch",
+                                               {"body": {"state": "purple"}}))
+    assert not any(isinstance(c, OutputCall) for c in plan.calls)
+    assert any("not on, off or toggle" in e for e in plan.errors)
+
+
+def test_publish_payload_mapping_becomes_json(cfg: Config) -> None:
+    plan = RuleEngine(cfg).evaluate(make_event("mqtt.message", "sensors/x",
+                                               {"topic": "sensors/x", "payload": 7,
+                                                "retain": False}))
+    (call,) = plan.calls
+    assert call == PublishCall("retained-ok", "echo/sensors/x", b'{"v":"7"}', 1, False)
+
+
+def test_mqtt_filters_for_subscription(cfg: Config) -> None:
+    assert RuleEngine(cfg).mqtt_filters() == [("alarm/+/state", 1), ("sensors/#", 1)]
+
+
+def test_sandbox_refuses_unsafe_template(tmp_path: Path) -> None:
+    p = tmp_path / "c.yaml"
+    p.write_text(textwrap.dedent("""\
+        webhooks: {w: {url: "http://127.0.0.1:1/"}}
+        rules:
+          - when: {start: true}
+            do:
+              - webhook: w
+                body: "{{ ''.__class__.__mro__[1].__subclasses__() }}"
+        """))
+    plan = RuleEngine(load_config(p, environ={})).evaluate(make_event("daemon.started", "x"))
+    assert plan.calls == [] and "SecurityError" in plan.errors[0]
+
+
+@pytest.mark.parametrize("value,body,ctype", [
+    ({"a": 1}, b'{"a":1}', "application/json"),
+    ([1, 2], b"[1,2]", "application/json"),
+    ('{"raw": true}', b'{"raw": true}', "application/json"),
+    ("hello", b"hello", "text/plain; charset=utf-8"),
+])
+def test_encode_body(value: object, body: bytes, ctype: str) -> None:
+    assert encode_body(value) == (body, ctype)
+
+
+def test_event_ids_sort_in_time_order() -> None:
+    ids = [new_id(1_700_000_000.0 + i / 1000) for i in range(50)]
+    same_ms = [new_id(1_800_000_000.0) for _ in range(50)]
+    assert ids == sorted(ids) and len(set(ids)) == 50
+    assert same_ms == sorted(same_ms) and len(set(same_ms)) == 50
+    assert len(ids[0]) == 26
+    assert rfc3339(0.123) == "1970-01-01T00:00:00.123Z"
