@@ -200,7 +200,7 @@ def _outbox(cfg: Config, args: argparse.Namespace) -> int:
                 return EXIT_FAIL
         except EdgehookError:
             pass  # the daemon is not running: change the file; it sends at next start
-    box = Outbox(path, lock=False)
+    box = Outbox(path, exclusive=False)
     try:
         if args.outbox_command == "list":
             items = box.list(args.status, args.limit)

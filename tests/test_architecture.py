@@ -1,0 +1,56 @@
+"""Import direction (STYLE.md): edges never import each other or app; the core no edges."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PKG = Path(__file__).resolve().parent.parent / "daemon" / "edgehook"
+EDGES = {"gpio", "mqtt", "outbox", "delivery", "http_api", "notify"}
+PURE = {"events", "errors", "config", "schema", "yamlload", "rules", "templates", "inputs",
+        "signing", "homeassistant", "hooks", "metrics", "schema_export", "explain"}
+
+
+def our_imports(path: Path) -> set[str]:
+    """Modules of the edgehook package that a file imports (relative or absolute)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom):
+            if node.level == 1 and node.module:
+                found.add(node.module.split(".")[0])
+            elif node.level == 1:
+                found.update(a.name for a in node.names)
+            elif node.module and node.module.startswith("edgehook."):
+                found.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.startswith("edgehook."):
+                    found.add(a.name.split(".")[1])
+    return found
+
+
+MODULES = sorted(p.stem for p in PKG.glob("*.py") if p.stem != "__init__")
+
+
+@pytest.mark.parametrize("name", sorted(EDGES & set(MODULES)))
+def test_edges_import_no_other_edge_nor_app(name: str) -> None:
+    bad = our_imports(PKG / f"{name}.py") & (EDGES | {"app", "cli"}) - {name}
+    assert not bad, f"edge module {name} imports {sorted(bad)}"
+
+
+@pytest.mark.parametrize("name", sorted(PURE & set(MODULES)))
+def test_pure_core_imports_no_edges(name: str) -> None:
+    bad = our_imports(PKG / f"{name}.py") & (EDGES | {"app", "cli", "dispatcher"})
+    assert not bad, f"pure module {name} imports {sorted(bad)}"
+
+
+def test_events_and_errors_import_nothing_of_ours() -> None:
+    assert our_imports(PKG / "events.py") == set()
+    assert our_imports(PKG / "errors.py") == set()
+
+
+def test_the_checker_sees_imports() -> None:
+    """Guard the guard: app.py does import edges, so the walker must find them."""
+    assert {"gpio", "outbox", "http_api"} <= our_imports(PKG / "app.py")
