@@ -1,0 +1,560 @@
+"""The sender: outbox rows -> signed HTTP requests, with backoff, in order per target.
+
+One thread per target. It keeps that target's deliveries in order (the head of the
+queue goes first; a row that is backing off holds back the rows behind it), and a
+black-holed or failing target only ever stalls its own thread. Each thread owns one
+keep-alive connection and talks ``http.client`` directly: on this hot path
+``requests`` costs 0.68 ms CPU per POST against 0.11 ms for ``http.client`` with
+keep-alive (issue 6), and the delivery rate of a Pi Zero is that CPU.
+
+Idle costs nothing: a thread sleeps on an ``Event`` until it is woken (new rows) or
+the head row is due; the only timer is a heartbeat wait of ``HEARTBEAT`` seconds
+that touches no database.
+
+Rows carry the rendered URL, headers and body; signing secrets are applied at send
+time from the target's current config and are never stored, logged or echoed. Logs
+name the target and the webhook-id, never the URL (a Discord URL is a credential).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import http.client
+import logging
+import random
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import UTC
+from typing import Protocol
+from urllib.parse import urlsplit
+
+from . import __version__
+from .config import Signing, WebhookConfig
+from .errors import EdgehookError
+from .signing import sign_github, standard_headers
+
+_LOG = logging.getLogger(__name__)
+
+BACKOFF_FIRST = (1.0, 5.0)  # the first retry comes within this window (seconds)
+BACKOFF_CAP = 300.0         # no wait between attempts is longer than this
+BATCH = 50                  # rows claimed at once (and marked delivered in one commit)
+LEASE = 300.0               # a claim's lease; only a dead thread's rows ever wait it out
+HEARTBEAT = 10.0            # an idle thread beats this often (no database access)
+RESCAN_EVERY = 60.0         # an idle thread re-reads its queue this often, as a safety net
+ERROR_PAUSE = 1.0           # after an outbox error (disk full), wait this long, doubling
+MAX_RESPONSE = 1 << 20      # larger response bodies are not read; the connection is dropped
+USER_AGENT = f"edgehook/{__version__}"
+RETRY_STATUSES = frozenset({408, 429})
+RETRY_AFTER_STATUSES = frozenset({429, 503})
+
+Outcome = str  # 'delivered' | 'retry' | 'dead'
+ResultCallback = Callable[[str, Outcome, "int | None", float], None]
+
+
+class RowLike(Protocol):
+    """What the sender reads from a claimed outbox row."""
+
+    id: int
+    webhook_id: str
+    target: str
+    url: str
+    method: str
+    headers: dict[str, str]
+    body: bytes
+    content_type: str
+    attempts: int
+    max_attempts: int
+    deadline: float
+
+
+class OutboxLike(Protocol):
+    """The part of the outbox the sender uses (typed here: edges never import each other)."""
+
+    def claim(self, target: str, limit: int, now: float, lease: float) -> Sequence[RowLike]: ...
+    def release(self, ids: Sequence[int]) -> None: ...
+    def next_due(self, target: str) -> float | None: ...
+    def mark_delivered(self, ids_with_status: Sequence[tuple[int, int]], now: float) -> None: ...
+    def mark_retry(self, id: int, now: float, next_at: float, error: str,
+                   status: int | None) -> None: ...
+    def mark_dead(self, id: int, now: float, error: str, status: int | None, *,
+                  attempted: bool = True) -> None: ...
+    def mark_target_dead(self, target: str, now: float, error: str) -> int: ...
+    def targets_with_pending(self) -> set[str]: ...
+
+
+# --------------------------------------------------------------------------- pure policy
+
+def next_delay(attempt: int, retry_after: float | None, rng: random.Random) -> float:
+    """Seconds to wait after failed attempt number `attempt` (1 = the first attempt).
+
+    Exponential backoff with jitter over the whole window: the first retry lands
+    uniformly within ``BACKOFF_FIRST``, each later window doubles, and nothing
+    exceeds ``BACKOFF_CAP``. A server's ``Retry-After`` replaces the computed wait
+    (capped the same way), since the server knows better than our guess.
+    """
+    if retry_after is not None:
+        return min(max(retry_after, 0.0), BACKOFF_CAP)
+    factor = 2.0 ** min(max(attempt, 1) - 1, 32)
+    high = min(BACKOFF_FIRST[1] * factor, BACKOFF_CAP)
+    low = min(BACKOFF_FIRST[0] * factor, high)
+    return low + (high - low) * rng.random()
+
+
+def parse_retry_after(value: str | None, now: float) -> float | None:
+    """A `Retry-After` header (delta seconds or an HTTP date) as seconds from now."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, when.timestamp() - now)
+
+
+def classify(status: int) -> Outcome:
+    """What an HTTP status means for a delivery: delivered, retry, or dead (final)."""
+    if 200 <= status < 300:
+        return "delivered"
+    if status in RETRY_STATUSES or status >= 500:
+        return "retry"
+    return "dead"
+
+
+def sign_headers(signing: Signing | None, webhook_id: str, body: bytes,
+                 now: float) -> dict[str, str]:
+    """Signature headers for one attempt from the target's `Signing` (or none)."""
+    if signing is None:
+        return {}
+    scheme, secrets = signing.scheme, signing.secrets
+    if not secrets:
+        return {}
+    if scheme == "standard":
+        return standard_headers(secrets, webhook_id, int(now), body)
+    if scheme == "github":
+        # GitHub's header has room for one signature: the first (newest) secret signs.
+        return {"X-Hub-Signature-256": sign_github(secrets[0], body)}
+    raise EdgehookError(f"unknown signing scheme {scheme!r}")
+
+
+# --------------------------------------------------------------------------- transport
+
+class _Attempt:
+    """The result of one HTTP attempt; `final` marks a request that can never succeed."""
+
+    __slots__ = ("status", "error", "retry_after", "final")
+
+    def __init__(self, status: int | None, error: str | None,
+                 retry_after: str | None = None, final: bool = False) -> None:
+        self.status = status
+        self.error = error
+        self.retry_after = retry_after
+        self.final = final
+
+
+class _Connection:
+    """One keep-alive connection of one sender thread, re-made when the origin changes."""
+
+    _RECONNECT_ERRORS = (http.client.RemoteDisconnected, http.client.BadStatusLine,
+                         BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
+
+    def __init__(self, tls: ssl.SSLContext) -> None:
+        self._tls = tls
+        self._conn: http.client.HTTPConnection | None = None
+        self._origin: tuple[str, str, int] | None = None
+        self._urls: dict[str, tuple[tuple[str, str, int], str]] = {}
+
+    def _split(self, url: str) -> tuple[tuple[str, str, int], str]:
+        hit = self._urls.get(url)
+        if hit is None:
+            parts = urlsplit(url)
+            scheme = parts.scheme.lower()
+            if scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError("the webhook URL is not http(s)://host/...")
+            port = parts.port or (443 if scheme == "https" else 80)
+            path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+            hit = ((scheme, parts.hostname, port), path)
+            if len(self._urls) >= 64:
+                self._urls.clear()
+            self._urls[url] = hit
+        return hit
+
+    def close(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except OSError:
+                pass
+            self._conn = None
+
+    def _open(self, origin: tuple[str, str, int], timeout: float) -> http.client.HTTPConnection:
+        scheme, host, port = origin
+        conn: http.client.HTTPConnection
+        if scheme == "https":
+            conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=self._tls)
+        else:
+            conn = http.client.HTTPConnection(host, port, timeout=timeout)
+        conn.connect()
+        if conn.sock is not None:
+            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._conn, self._origin = conn, origin
+        return conn
+
+    def send(self, method: str, url: str, headers: dict[str, str], body: bytes,
+             timeout: float) -> _Attempt:
+        """One request; a keep-alive connection the server closed is re-made once."""
+        try:
+            origin, path = self._split(url)
+        except ValueError as exc:
+            return _Attempt(None, str(exc), final=True)
+        for fresh in (False, True):
+            conn = self._conn
+            reused = conn is not None and self._origin == origin and not fresh
+            try:
+                if not reused:
+                    self.close()
+                    conn = self._open(origin, timeout)
+                else:
+                    assert conn is not None
+                    if conn.sock is not None:
+                        conn.sock.settimeout(timeout)
+                conn.request(method, path, body=body, headers=headers)
+                resp = conn.getresponse()
+                length = resp.getheader("Content-Length")
+                if length is not None and length.isdigit() and int(length) > MAX_RESPONSE:
+                    self.close()
+                else:
+                    resp.read(MAX_RESPONSE)
+                    if resp.will_close or not resp.isclosed():
+                        self.close()
+                return _Attempt(resp.status, None, resp.getheader("Retry-After"))
+            except self._RECONNECT_ERRORS as exc:
+                self.close()
+                if reused:
+                    continue  # the server dropped an idle keep-alive connection: retry once
+                return _Attempt(None, _describe(exc))
+            except http.client.InvalidURL:  # its text quotes the URL, which may hold a token
+                self.close()
+                return _Attempt(None, "invalid URL (control characters or a bad port)",
+                                final=True)
+            except (OSError, http.client.HTTPException) as exc:  # TLS errors are OSErrors
+                self.close()
+                return _Attempt(None, _describe(exc))
+            except ValueError as exc:  # a header value with a newline, a non-ASCII path...
+                self.close()  # (the text is not kept: it quotes the value, maybe a token)
+                return _Attempt(None, f"invalid request ({type(exc).__name__}): a header or"
+                                " the URL cannot be sent as HTTP", final=True)
+        return _Attempt(None, "connection closed by the server")  # pragma: no cover
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    text = str(exc) or type(exc).__name__
+    return f"{type(exc).__name__}: {text}"[:300]
+
+
+# --------------------------------------------------------------------------- threads
+
+class _Worker:
+    """The sender thread of one target."""
+
+    def __init__(self, sender: Sender, name: str, config: WebhookConfig | None) -> None:
+        self.sender = sender
+        self.name = name
+        self.config = config  # swapped whole on reload; None means "target removed"
+        self.wakeup = threading.Event()
+        self.beat = time.monotonic()
+        self.conn = _Connection(sender._tls)
+        self.unmarked: list[tuple[int, int]] = []  # delivered, not yet recorded
+        self.unreleased: list[int] = []  # claimed, not attempted, lease not yet given back
+        self.thread = threading.Thread(target=self._run, name=f"edgehook-send-{name}",
+                                       daemon=True)
+
+    # The loop ------------------------------------------------------------
+
+    def _run(self) -> None:
+        pause = ERROR_PAUSE
+        due: float | None = 0.0  # unknown at start: look at the queue at once
+        last_scan = 0.0
+        try:
+            while not self.sender._stopping.is_set():
+                self.beat = time.monotonic()
+                woken = self.wakeup.is_set()
+                self.wakeup.clear()
+                now = time.time()
+                if not woken and (due is None or due > now) and \
+                        self.beat - last_scan < RESCAN_EVERY:
+                    # A heartbeat timeout with nothing due: no database access at all.
+                    self._sleep(due, now)
+                    continue
+                last_scan = self.beat
+                try:
+                    if self.config is None:
+                        if self._reap():
+                            return
+                        continue
+                    self._flush()
+                    progressed = self._round()
+                    due = 0.0 if progressed else self.sender.outbox.next_due(self.name)
+                    pause = ERROR_PAUSE
+                except Exception:
+                    _LOG.exception("sender %s: outbox error; pausing %.0f s", self.name, pause)
+                    self.sender._stopping.wait(pause)
+                    pause = min(pause * 2, BACKOFF_CAP)
+                    due = 0.0
+                    continue
+                if due is not None and due <= time.time():
+                    continue
+                self._sleep(due, time.time())
+        except Exception:  # the loop's boundary: log, and let heartbeat_age show it
+            _LOG.exception("sender %s died", self.name)
+        finally:
+            self.conn.close()
+
+    def _sleep(self, due: float | None, now: float) -> None:
+        timeout = HEARTBEAT if due is None else min(HEARTBEAT, max(0.0, due - now))
+        self.wakeup.wait(timeout)
+
+    def _reap(self) -> bool:
+        """The target left the config: its pending rows go dead. True when the thread ends."""
+        with self.sender._lock:
+            if self.config is not None:  # re-added meanwhile
+                return False
+            n = self.sender.outbox.mark_target_dead(self.name, time.time(),
+                                                   "target removed from config")
+            if n:
+                _LOG.warning("target %s removed from config: %d pending deliveries dead",
+                             self.name, n)
+            if self.sender._workers.get(self.name) is self:
+                del self.sender._workers[self.name]
+            return True
+
+    def _flush(self) -> None:
+        """Record deliveries and give back leases; kept for the next try if the write fails."""
+        if self.unmarked:
+            self.sender.outbox.mark_delivered(self.unmarked, time.time())
+            self.unmarked = []
+        if self.unreleased:
+            self.sender.outbox.release(self.unreleased)
+            self.unreleased = []
+
+    def _round(self) -> bool:
+        """Claim the due head of the queue and send it in order; True if all went through."""
+        outbox = self.sender.outbox
+        rows = outbox.claim(self.name, BATCH, time.time(), LEASE)
+        if not rows:
+            return False
+        done = 0
+        try:
+            for row in rows:
+                if self.sender._stopping.is_set():
+                    break
+                cfg = self.config
+                if cfg is None:
+                    break
+                done += 1
+                if not self._deliver(row, cfg):
+                    break  # the head is backing off: the rows behind it wait (order)
+            else:
+                self._flush()
+                return True
+            return False
+        finally:
+            self.unreleased.extend(r.id for r in rows[done:])
+            self._flush()
+
+    def _deliver(self, row: RowLike, cfg: WebhookConfig) -> bool:
+        """Attempt one row; False when it is to be retried later (stop this round)."""
+        sender = self.sender
+        outbox = sender.outbox
+        now = time.time()
+        if now > row.deadline or row.attempts >= row.max_attempts:
+            why = ("max_age exceeded before the attempt" if now > row.deadline
+                   else f"max_attempts ({row.max_attempts}) reached")
+            self._flush()
+            outbox.mark_dead(row.id, now, why, None, attempted=False)
+            sender._result(self.name, "dead", None, 0.0)
+            _LOG.warning("delivery %s to %s dead: %s", row.webhook_id, self.name, why)
+            return True
+        headers = dict(row.headers)
+        headers["Content-Type"] = row.content_type
+        headers["User-Agent"] = USER_AGENT
+        headers["webhook-id"] = row.webhook_id
+        start = time.monotonic()
+        try:
+            headers.update(sign_headers(cfg.signing, row.webhook_id, row.body, now))
+        except EdgehookError as exc:  # a bad secret: retried, so fixing the config heals it
+            result = _Attempt(None, f"signing failed: {exc}")
+        else:
+            result = self.conn.send(row.method, row.url, headers, row.body, cfg.timeout)
+        latency = time.monotonic() - start
+        self.beat = time.monotonic()
+        now = time.time()
+        status = result.status
+        outcome = classify(status) if status is not None else (
+            "dead" if result.final else "retry")
+        attempt = row.attempts + 1
+        if outcome == "delivered":
+            self.unmarked.append((row.id, status))  # type: ignore[arg-type]
+            if len(self.unmarked) >= BATCH:
+                self._flush()
+            if self.name in sender._gone:
+                sender._gone.discard(self.name)
+            sender._result(self.name, "delivered", status, latency)
+            _LOG.debug("delivery %s to %s: HTTP %s", row.webhook_id, self.name, status)
+            return True
+        self._flush()
+        error = result.error or f"HTTP {status}"
+        if outcome == "retry":
+            retry_after = None
+            if status in RETRY_AFTER_STATUSES:
+                retry_after = parse_retry_after(result.retry_after, now)
+            next_at = now + next_delay(attempt, retry_after, sender._rng)
+            if attempt >= row.max_attempts:
+                outcome, error = "dead", f"max_attempts ({row.max_attempts}) reached: {error}"
+            elif next_at > row.deadline:
+                outcome, error = "dead", f"max_age exceeded: {error}"
+            else:
+                outbox.mark_retry(row.id, now, next_at, error, status)
+                sender._result(self.name, "retry", status, latency)
+                _LOG.info("delivery %s to %s failed (%s), attempt %d/%d; next in %.1f s",
+                          row.webhook_id, self.name, error, attempt, row.max_attempts,
+                          next_at - now)
+                return False
+        if status == 410:
+            sender._gone.add(self.name)
+            _LOG.warning("target %s is gone (HTTP 410): its deliveries fail until the config"
+                         " changes", self.name)
+        outbox.mark_dead(row.id, now, error, status)
+        sender._result(self.name, "dead", status, latency)
+        _LOG.warning("delivery %s to %s dead after %d attempt(s): %s", row.webhook_id,
+                     self.name, attempt, error)
+        return True
+
+
+class Sender:
+    """The sender threads, one per configured target."""
+
+    def __init__(self, outbox: OutboxLike, targets: Mapping[str, WebhookConfig], *,
+                 on_result: ResultCallback | None = None) -> None:
+        """Prepare the senders of a config snapshot; no thread runs before :meth:`start`.
+
+        :param on_result: called as ``on_result(target, outcome, status, latency_s)``
+            after every attempt, from the sender thread (metrics): keep it cheap.
+        """
+        self.outbox = outbox
+        self._targets = dict(targets)
+        self._on_result = on_result
+        self._lock = threading.Lock()
+        self._workers: dict[str, _Worker] = {}
+        self._stopping = threading.Event()
+        self._gone: set[str] = set()
+        self._rng = random.Random()
+        self._tls = ssl.create_default_context()  # system CA store, verification on
+        self._started = False
+
+    def _result(self, target: str, outcome: Outcome, status: int | None,
+                latency: float) -> None:
+        if self._on_result is None:
+            return
+        try:
+            self._on_result(target, outcome, status, latency)
+        except Exception:
+            _LOG.exception("on_result callback failed for %s", target)
+
+    def start(self) -> None:
+        """Start one thread per target; rows pending from before are sent once due."""
+        with self._lock:
+            if self._started:
+                return
+            self._started = True
+            self._stopping.clear()
+            for name, cfg in self._targets.items():
+                self._spawn(name, cfg)
+        self._reap_unconfigured()
+
+    def _spawn(self, name: str, cfg: WebhookConfig | None) -> _Worker:
+        worker = _Worker(self, name, cfg)
+        self._workers[name] = worker
+        worker.thread.start()
+        return worker
+
+    def _reap_unconfigured(self) -> None:
+        with self._lock:
+            configured = set(self._targets)
+        for name in self.outbox.targets_with_pending() - configured:
+            n = self.outbox.mark_target_dead(name, time.time(), "target removed from config")
+            _LOG.warning("target %s is not in the config: %d pending deliveries dead", name, n)
+
+    def wake(self, targets: Iterable[str] | None = None) -> None:
+        """New rows were added (for these targets, or all): look at the queue now."""
+        workers = self._workers
+        if targets is None:
+            for worker in list(workers.values()):
+                worker.wakeup.set()
+            return
+        for name in targets:
+            worker = workers.get(name)
+            if worker is not None:
+                worker.wakeup.set()
+
+    def reload(self, targets: Mapping[str, WebhookConfig]) -> None:
+        """Swap in a new config snapshot: new threads for new targets; removed targets'
+        pending rows go dead."""
+        with self._lock:
+            self._targets = dict(targets)
+            if not self._started:
+                return
+            for name, cfg in self._targets.items():
+                worker = self._workers.get(name)
+                if worker is not None and worker.thread.is_alive():
+                    worker.config = cfg
+                    worker.wakeup.set()
+                else:
+                    self._spawn(name, cfg)
+            for name, worker in list(self._workers.items()):
+                if name not in self._targets:
+                    worker.config = None
+                    worker.wakeup.set()
+            self._gone &= set(self._targets)
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Stop claiming; in-flight requests get `grace` seconds; the rest stays pending."""
+        self._stopping.set()
+        with self._lock:
+            workers = list(self._workers.values())
+            self._started = False
+        for worker in workers:
+            worker.wakeup.set()
+        deadline = time.monotonic() + grace
+        for worker in workers:
+            worker.thread.join(max(0.0, deadline - time.monotonic()))
+            if worker.thread.is_alive():
+                _LOG.warning("sender %s still busy after %.1f s; leaving it", worker.name, grace)
+        with self._lock:
+            self._workers = {n: w for n, w in self._workers.items() if w.thread.is_alive()}
+
+    def heartbeat_age(self) -> float:
+        """Seconds since the least recently alive sender thread beat (0 with no threads).
+
+        A thread that died keeps its last beat, so its age grows and the watchdog stops.
+        """
+        workers = list(self._workers.values())
+        if not workers:
+            return 0.0
+        now = time.monotonic()
+        return max(now - w.beat for w in workers)
+
+    def gone_targets(self) -> set[str]:
+        """Targets that answered 410 Gone to their latest delivery."""
+        return set(self._gone)

@@ -1,0 +1,555 @@
+"""The durable outbox: every outbound webhook is a SQLite row until a 2xx says otherwise.
+
+A delivery moves ``pending -> delivered | dead``. It is marked delivered only after a
+2xx (never on dequeue), and a row claimed by a sender that died is claimable again
+once its lease runs out. Every access, reads included, goes through one
+``with outbox.tx():`` (a lock, ``BEGIN IMMEDIATE``, commit, rollback on error).
+
+Fsync policy: WAL with ``synchronous=NORMAL``. A commit is appended to the WAL
+without an fsync; the WAL is fsynced when it is checkpointed into the database.
+Measured on this machine (issue 3): 500 single-row commits take 0.14 s with NORMAL
+(11 fdatasyncs) against 0.38 s with FULL (512), and after ``kill -9`` every
+acknowledged commit was present in both modes. So a crash of edgehook, or a clean
+reboot, loses nothing. What NORMAL gives up is the last commits before a *power
+loss or kernel crash* (those since the last checkpoint); the database itself stays
+consistent. A lost "delivered" mark only means a redelivery with the same
+``webhook-id``; a lost new row is an event from the last moment before the power
+went. We accept that for an SD card, where FULL's fsync per commit costs
+milliseconds each and wears the card; set ``SYNCHRONOUS = "FULL"`` to trade it back.
+Bursts are written with group commits anyway: :meth:`Outbox.add` writes a whole
+batch in one transaction.
+
+Frugal on the SD card: when nothing happens nothing is written (reads never write;
+claims that find nothing write nothing; pruning runs at open and then at most every
+``PRUNE_EVERY`` seconds, and only as part of a write that happened anyway).
+
+A full disk makes even DELETE fail, so the outbox refuses new rows (``OutboxFull``)
+while ``MAX_ROWS`` undelivered rows exist or the free space under the state
+directory drops below ``MIN_FREE_BYTES``, and :meth:`Outbox.health` says why; both
+recover by themselves as rows drain or space returns.
+
+One daemon per state directory: the outbox holds an exclusive ``flock`` on
+``<dir>/edgehook.lock`` while open, which is what makes it safe to clear the leases
+of a crashed predecessor at open.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import EdgehookError
+from .events import new_id, rfc3339
+
+MAX_ROWS = 50_000            # pending + dead rows; beyond this add() refuses
+MIN_FREE_BYTES = 8 * 1024 * 1024  # free space kept under the state dir
+RETENTION = 24 * 3600.0      # delivered rows are kept this long, then pruned
+LEASE = 300.0                # default claim lease (seconds)
+PRUNE_EVERY = 600.0          # prune at most this often, and only alongside a write
+STATVFS_CACHE = 1.0          # seconds a free-space reading is reused
+BUSY_TIMEOUT_MS = 5000
+HISTORY_MAX = 50             # attempts kept per row (the oldest are dropped)
+WRITE_ERROR_HOLD = 60.0      # a failed write is reported this long once space is back
+SYNCHRONOUS = "NORMAL"       # see the module docstring
+LOCK_NAME = "edgehook.lock"
+STATUSES = ("pending", "delivered", "dead")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS deliveries (
+    id              INTEGER PRIMARY KEY AUTOINCREMENT,  -- ids are never reused
+    webhook_id      TEXT    NOT NULL UNIQUE,
+    event_id        TEXT    NOT NULL,
+    target          TEXT    NOT NULL,
+    url             TEXT    NOT NULL,
+    method          TEXT    NOT NULL,
+    headers         TEXT    NOT NULL,
+    body            BLOB    NOT NULL,
+    content_type    TEXT    NOT NULL,
+    status          TEXT    NOT NULL DEFAULT 'pending'
+                    CHECK (status IN ('pending', 'delivered', 'dead')),
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    max_attempts    INTEGER NOT NULL,
+    max_age         REAL    NOT NULL,
+    created_at      REAL    NOT NULL,
+    next_attempt_at REAL    NOT NULL,
+    deadline        REAL    NOT NULL,
+    lease_until     REAL    NOT NULL DEFAULT 0,
+    last_error      TEXT,
+    last_status     INTEGER,
+    delivered_at    REAL,
+    history         TEXT    NOT NULL DEFAULT '[]'
+);
+CREATE INDEX IF NOT EXISTS deliveries_pending ON deliveries(target, id)
+    WHERE status = 'pending';
+CREATE INDEX IF NOT EXISTS deliveries_status ON deliveries(status, id);
+"""
+
+_ROW_COLUMNS = ("id, webhook_id, event_id, target, url, method, headers, body, content_type, "
+                "attempts, max_attempts, created_at, next_attempt_at, deadline")
+
+# Append one attempt to the JSON history, dropping the oldest beyond HISTORY_MAX.
+_HISTORY_APPEND = (
+    "history = json_insert(CASE WHEN json_array_length(history) >= ?"
+    " THEN json_remove(history, '$[0]') ELSE history END, '$[#]', json(?))"
+)
+
+
+class OutboxFull(EdgehookError):
+    """A delivery was refused: the row cap is reached or the disk is nearly full."""
+
+
+class OutboxLocked(EdgehookError):
+    """Another edgehook process holds this state directory."""
+
+
+@dataclass(frozen=True, slots=True)
+class NewDelivery:
+    """One rendered webhook action, ready to be stored."""
+
+    target: str
+    event_id: str
+    url: str
+    method: str
+    headers: dict[str, str]
+    body: bytes
+    content_type: str
+    max_attempts: int
+    max_age: float
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """A claimed pending delivery, everything the sender needs to attempt it."""
+
+    id: int
+    webhook_id: str
+    event_id: str
+    target: str
+    url: str
+    method: str
+    headers: dict[str, str]
+    body: bytes
+    content_type: str
+    attempts: int
+    max_attempts: int
+    created_at: float
+    next_attempt_at: float
+    deadline: float
+
+
+def _attempt(now: float, status: int | None, error: str | None) -> str:
+    return json.dumps({"at": rfc3339(now), "status": status, "error": error})
+
+
+class Outbox:
+    """The SQLite outbox of one state directory; thread-safe, one connection and a lock."""
+
+    def __init__(self, path: str | Path, *, max_rows: int | None = None,
+                 min_free_bytes: int | None = None, exclusive: bool = True) -> None:
+        """Open (creating the directory and schema) and take the state-dir lock.
+
+        :param max_rows: cap on pending + dead rows (default ``MAX_ROWS`` at call time).
+        :param min_free_bytes: free space to keep (default ``MIN_FREE_BYTES``).
+        :param exclusive: take the one-daemon lock, clear stale leases and prune; a
+            read-mostly tool opening the file beside a running daemon passes False.
+        """
+        self.path = Path(path)
+        self._max_rows = max_rows
+        self._min_free_bytes = min_free_bytes
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._depth = 0
+        self._lock_fd: int | None = None
+        if exclusive:
+            self._lock_fd = self._take_dir_lock()
+        self._free_at = -1e18
+        self._free = 0
+        self._write_error: tuple[float, str] | None = None
+        self._last_prune = -1e18
+        self._changes_seen = 0
+        self._closed = False
+        created = not self.path.exists()
+        try:
+            self._db = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT_MS / 1000,
+                                       isolation_level=None, check_same_thread=False)
+        except Exception:
+            self._release_dir_lock()
+            raise
+        if created:
+            with contextlib.suppress(OSError):
+                os.chmod(self.path, 0o600)  # rendered URLs and headers can carry tokens
+        db = self._db
+        db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        if db.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+            db.execute("PRAGMA journal_mode = WAL")
+        db.execute(f"PRAGMA synchronous = {SYNCHRONOUS}")
+        db.execute("PRAGMA journal_size_limit = 4194304")  # keep the WAL file small
+        if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'deliveries'").fetchone() is None:
+            db.executescript("BEGIN IMMEDIATE;" + _SCHEMA + "PRAGMA user_version = 1; COMMIT;")
+        with self.tx() as c:
+            self._counts = dict.fromkeys(STATUSES, 0)
+            for status, n in c.execute("SELECT status, COUNT(*) FROM deliveries GROUP BY status"):
+                self._counts[status] = n
+            if exclusive:
+                # Leases of a predecessor that crashed: nobody else can hold them now.
+                c.execute("UPDATE deliveries SET lease_until = 0"
+                          " WHERE status = 'pending' AND lease_until > 0")
+        if exclusive:
+            self.prune(time.time())
+
+    @property
+    def max_rows(self) -> int:
+        """The row cap: the constructor's, else ``MAX_ROWS`` as it is now."""
+        return MAX_ROWS if self._max_rows is None else self._max_rows
+
+    @property
+    def min_free_bytes(self) -> int:
+        """The disk headroom: the constructor's, else ``MIN_FREE_BYTES`` as it is now."""
+        return MIN_FREE_BYTES if self._min_free_bytes is None else self._min_free_bytes
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _take_dir_lock(self) -> int:
+        lock_path = self.path.parent / LOCK_NAME
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise OutboxLocked(
+                    f"another edgehook daemon is using the state directory {self.path.parent} "
+                    f"(it holds {lock_path})") from None
+            raise
+        return fd
+
+    def _release_dir_lock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor drops the flock
+            self._lock_fd = None
+
+    @contextlib.contextmanager
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        """One transaction: lock, BEGIN IMMEDIATE, commit; rollback and re-raise on error.
+
+        Nested use joins the outer transaction. A failed write is remembered for
+        :meth:`health` and forgotten at the next successful commit.
+        """
+        with self._lock:
+            if self._closed:
+                raise EdgehookError("the outbox is closed")
+            if self._depth:
+                self._depth += 1
+                try:
+                    yield self._db
+                finally:
+                    self._depth -= 1
+                return
+            self._depth = 1
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                except BaseException:
+                    if self._db.in_transaction:  # SQLite may have rolled back already
+                        self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if self._db.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        self._db.execute("ROLLBACK")
+                self._write_error = (time.monotonic(), f"{type(exc).__name__}: {exc}")
+                raise
+            finally:
+                self._depth = 0
+            if self._db.total_changes != self._changes_seen:  # a real write succeeded
+                self._changes_seen = self._db.total_changes
+                self._write_error = None
+
+    def _free_bytes(self) -> int:
+        now = time.monotonic()
+        if now - self._free_at >= STATVFS_CACHE:
+            st = os.statvfs(self.path.parent)
+            self._free = st.f_bavail * st.f_frsize
+            self._free_at = now
+        return self._free
+
+    def _apply(self, delta: dict[str, int]) -> None:
+        for status, n in delta.items():
+            self._counts[status] += n
+
+    # ------------------------------------------------------------------ writing
+
+    def add(self, items: Sequence[NewDelivery], now: float | None = None) -> list[int]:
+        """Store deliveries, all in one transaction (a group commit); returns their ids.
+
+        Raises ``OutboxFull`` (storing none of them) when the row cap or the disk
+        headroom would be crossed.
+        """
+        if not items:
+            return []
+        now = time.time() if now is None else now
+        with self._lock:
+            undelivered = self._counts["pending"] + self._counts["dead"]
+            if undelivered + len(items) > self.max_rows:
+                raise OutboxFull(f"outbox full: {undelivered} undelivered rows "
+                                 f"(cap {self.max_rows})")
+            free = self._free_bytes()
+            if free < self.min_free_bytes:
+                raise OutboxFull(f"disk nearly full: {free // 1024} KiB free under "
+                                 f"{self.path.parent} (keeping {self.min_free_bytes // 1024} KiB)")
+            rows = [("msg_" + new_id(now), d.event_id, d.target, d.url, d.method,
+                     json.dumps(d.headers, separators=(",", ":")), bytes(d.body),
+                     d.content_type, int(d.max_attempts), float(d.max_age), now, now,
+                     now + d.max_age) for d in items]
+            with self.tx() as c:
+                c.executemany(
+                    "INSERT INTO deliveries (webhook_id, event_id, target, url, method, headers,"
+                    " body, content_type, max_attempts, max_age, created_at, next_attempt_at,"
+                    " deadline) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+                # AUTOINCREMENT under the write lock: one batch gets consecutive ids.
+                last = c.execute("SELECT last_insert_rowid()").fetchone()[0]
+            self._apply({"pending": len(items)})
+            return list(range(last - len(items) + 1, last + 1))
+
+    def claim(self, target: str, limit: int, now: float, lease: float = LEASE) -> list[Row]:
+        """Lease the due head of a target's queue, oldest first.
+
+        Rows of one target are sent in order, so the claim stops at the first pending
+        row that is not due yet (backing off) or still leased: a later row never
+        overtakes an earlier one. Writes nothing when nothing is due.
+        """
+        with self.tx() as c:
+            cur = c.execute(
+                f"SELECT {_ROW_COLUMNS}, lease_until FROM deliveries"
+                " WHERE status = 'pending' AND target = ? ORDER BY id LIMIT ?",
+                (target, int(limit)))
+            rows: list[Row] = []
+            for r in cur.fetchall():
+                if r[12] > now or r[14] > now:
+                    break
+                rows.append(Row(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6]), r[7],
+                                r[8], r[9], r[10], r[11], r[12], r[13]))
+            if rows:
+                c.executemany("UPDATE deliveries SET lease_until = ? WHERE id = ?",
+                              [(now + lease, row.id) for row in rows])
+        return rows
+
+    def release(self, ids: Sequence[int]) -> None:
+        """Give back leases of claimed rows that were not attempted (stop, head backing off)."""
+        if not ids:
+            return
+        with self.tx() as c:
+            c.executemany("UPDATE deliveries SET lease_until = 0 WHERE id = ? AND "
+                          "status = 'pending'", [(i,) for i in ids])
+
+    def next_due(self, target: str) -> float | None:
+        """When the head of a target's queue is due (None: nothing pending).
+
+        This is the head row's time, not the earliest of all rows: rows are sent in
+        order, so a later row that is due cannot go before a head that is backing off.
+        """
+        with self.tx() as c:
+            r = c.execute("SELECT next_attempt_at, lease_until FROM deliveries"
+                          " WHERE status = 'pending' AND target = ? ORDER BY id LIMIT 1",
+                          (target,)).fetchone()
+        return None if r is None else max(r[0], r[1])
+
+    def mark_delivered(self, ids_with_status: Sequence[tuple[int, int]], now: float) -> None:
+        """Mark rows delivered after a 2xx, one commit for the batch."""
+        if not ids_with_status:
+            return
+        entries = [(HISTORY_MAX, _attempt(now, status, None), status, now, row_id)
+                   for row_id, status in ids_with_status]
+        with self._lock:
+            with self.tx() as c:
+                cur = c.executemany(
+                    f"UPDATE deliveries SET status = 'delivered', attempts = attempts + 1,"
+                    f" {_HISTORY_APPEND}, last_status = ?, last_error = NULL, delivered_at = ?,"
+                    f" lease_until = 0 WHERE id = ? AND status = 'pending'", entries)
+                n = cur.rowcount
+                pruned = self._maybe_prune(c, now)
+            self._apply({"pending": -n, "delivered": n - pruned})
+
+    def mark_retry(self, id: int, now: float, next_at: float, error: str,
+                   status: int | None) -> None:
+        """Record a failed attempt and when to try again."""
+        with self.tx() as c:
+            c.execute(
+                f"UPDATE deliveries SET attempts = attempts + 1, {_HISTORY_APPEND},"
+                f" next_attempt_at = ?, last_error = ?, last_status = ?, lease_until = 0"
+                f" WHERE id = ? AND status = 'pending'",
+                (HISTORY_MAX, _attempt(now, status, error), next_at, error, status, id))
+
+    def mark_dead(self, id: int, now: float, error: str, status: int | None, *,
+                  attempted: bool = True) -> None:
+        """Give up on a row; it stays visible as dead.
+
+        :param attempted: False when no request was made (max_age passed before the
+            attempt, target removed): the attempt count and history stay as they are.
+        """
+        with self._lock:
+            with self.tx() as c:
+                if attempted:
+                    cur = c.execute(
+                        f"UPDATE deliveries SET status = 'dead', attempts = attempts + 1,"
+                        f" {_HISTORY_APPEND}, last_error = ?, last_status = ?, lease_until = 0"
+                        f" WHERE id = ? AND status = 'pending'",
+                        (HISTORY_MAX, _attempt(now, status, error), error, status, id))
+                else:
+                    cur = c.execute(
+                        "UPDATE deliveries SET status = 'dead', last_error = ?, lease_until = 0"
+                        " WHERE id = ? AND status = 'pending'", (error, id))
+                n = cur.rowcount
+            self._apply({"pending": -n, "dead": n})
+
+    def mark_target_dead(self, target: str, now: float, error: str) -> int:
+        """Mark every pending row of a target dead without an attempt (target removed)."""
+        with self._lock:
+            with self.tx() as c:
+                n = c.execute("UPDATE deliveries SET status = 'dead', last_error = ?,"
+                              " lease_until = 0 WHERE status = 'pending' AND target = ?",
+                              (error, target)).rowcount
+            self._apply({"pending": -n, "dead": n})
+        return n
+
+    def retry(self, id: int, now: float) -> bool:
+        """Make a dead row pending again, due now, with a fresh deadline and its webhook-id.
+
+        A pending row is made due now (its attempts kept). False when there is no
+        such row or it was already delivered.
+        """
+        with self._lock:
+            with self.tx() as c:
+                r = c.execute("SELECT status FROM deliveries WHERE id = ?", (id,)).fetchone()
+                if r is None or r[0] == "delivered":
+                    return False
+                if r[0] == "pending":
+                    c.execute("UPDATE deliveries SET next_attempt_at = ? WHERE id = ?", (now, id))
+                    return True
+                c.execute("UPDATE deliveries SET status = 'pending', attempts = 0,"
+                          " next_attempt_at = ?, deadline = ? + max_age, lease_until = 0"
+                          " WHERE id = ?", (now, now, id))
+            self._apply({"dead": -1, "pending": 1})
+        return True
+
+    def retry_all_dead(self, now: float) -> int:
+        """Make every dead row pending again (see :meth:`retry`); returns how many."""
+        with self._lock:
+            with self.tx() as c:
+                n = c.execute("UPDATE deliveries SET status = 'pending', attempts = 0,"
+                              " next_attempt_at = ?, deadline = ? + max_age, lease_until = 0"
+                              " WHERE status = 'dead'", (now, now)).rowcount
+            self._apply({"dead": -n, "pending": n})
+        return n
+
+    def purge(self, status: str = "dead") -> int:
+        """Delete all rows of a final status (dead or delivered); returns how many."""
+        if status not in ("dead", "delivered"):
+            raise ValueError("only dead or delivered rows can be purged")
+        with self._lock:
+            with self.tx() as c:
+                n = c.execute("DELETE FROM deliveries WHERE status = ?", (status,)).rowcount
+            self._apply({status: -n})
+        return n
+
+    def prune(self, now: float, keep_delivered: float | None = None) -> int:
+        """Delete delivered rows older than the retention period; returns how many."""
+        keep = RETENTION if keep_delivered is None else keep_delivered
+        with self._lock:
+            with self.tx() as c:
+                n = c.execute("DELETE FROM deliveries WHERE status = 'delivered'"
+                              " AND delivered_at < ?", (now - keep,)).rowcount
+            self._last_prune = time.monotonic()
+            self._apply({"delivered": -n})
+        return n
+
+    def _maybe_prune(self, c: sqlite3.Connection, now: float) -> int:
+        # Piggybacks on a write that is happening anyway, so an idle daemon never writes.
+        if time.monotonic() - self._last_prune < PRUNE_EVERY:
+            return 0
+        self._last_prune = time.monotonic()
+        return c.execute("DELETE FROM deliveries WHERE status = 'delivered'"
+                         " AND delivered_at < ?", (now - RETENTION,)).rowcount
+
+    # ------------------------------------------------------------------ reading
+
+    def counts(self) -> dict[str, int]:
+        """Rows per status, from counters kept up to date on every write (no query)."""
+        with self._lock:
+            return dict(self._counts)
+
+    def targets_with_pending(self) -> set[str]:
+        """Targets that have at least one pending row."""
+        with self.tx() as c:
+            return {r[0] for r in c.execute(
+                "SELECT DISTINCT target FROM deliveries WHERE status = 'pending'")}
+
+    def list(self, status: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        """Rows for the API and CLI, newest first; never the URL, headers or body."""
+        if status is not None and status not in STATUSES:
+            raise ValueError(f"status must be one of {', '.join(STATUSES)}")
+        if status is None:
+            return self._select("", (), limit)
+        return self._select("WHERE status = ?", (status,), limit)
+
+    def get(self, id: int) -> dict[str, Any] | None:
+        """One row in the :meth:`list` shape, or None."""
+        found = self._select("WHERE id = ?", (id,), 1)
+        return found[0] if found else None
+
+    def _select(self, where: str, args: tuple[Any, ...], limit: int) -> list[dict[str, Any]]:
+        sql = ("SELECT id, webhook_id, event_id, target, status, attempts, max_attempts,"
+               " next_attempt_at, last_error, last_status, created_at, delivered_at, deadline,"
+               f" history FROM deliveries {where} ORDER BY id DESC LIMIT ?")
+        with self.tx() as c:
+            rows = c.execute(sql, (*args, int(limit))).fetchall()
+        return [{
+            "id": r[0], "webhook_id": r[1], "event_id": r[2], "target": r[3], "status": r[4],
+            "attempts": r[5], "max_attempts": r[6],
+            "next_attempt_at": rfc3339(r[7]) if r[4] == "pending" else None,
+            "last_error": r[8], "last_status": r[9], "created_at": rfc3339(r[10]),
+            "delivered_at": rfc3339(r[11]) if r[11] is not None else None,
+            "deadline": rfc3339(r[12]), "history": json.loads(r[13]),
+        } for r in rows]
+
+    def health(self) -> tuple[bool, str]:
+        """(True, "ok") or (False, why): full, disk low, or a write failed recently."""
+        with self._lock:
+            undelivered = self._counts["pending"] + self._counts["dead"]
+            if undelivered >= self.max_rows:
+                return False, f"outbox full ({undelivered} undelivered rows, cap {self.max_rows})"
+            try:
+                free = self._free_bytes()
+            except OSError as exc:
+                return False, f"cannot check free space: {exc}"
+            if free < self.min_free_bytes:
+                return False, f"disk nearly full ({free // 1024} KiB free)"
+            if self._write_error is not None:
+                at, why = self._write_error
+                if time.monotonic() - at < WRITE_ERROR_HOLD:
+                    return False, f"outbox write failed: {why}"
+                self._write_error = None
+            return True, "ok"
+
+    def close(self) -> None:
+        """Close the database and drop the state-dir lock; later calls raise."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            try:
+                self._db.close()
+            finally:
+                self._release_dir_lock()

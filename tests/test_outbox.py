@@ -1,0 +1,296 @@
+"""The SQLite outbox against real files: transactions, states, leases, limits, idleness."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from edgehook import outbox as ob
+from edgehook.errors import EdgehookError
+from edgehook.outbox import NewDelivery, Outbox, OutboxFull, OutboxLocked
+
+
+def item(n: int = 0, target: str = "t", max_attempts: int = 5, max_age: float = 900.0
+         ) -> NewDelivery:
+    return NewDelivery(target=target, event_id=f"ev{n}", url="http://127.0.0.1:9/h",
+                       method="POST", headers={"X-N": str(n)}, body=b'{"n": %d}' % n,
+                       content_type="application/json", max_attempts=max_attempts,
+                       max_age=max_age)
+
+
+@pytest.fixture
+def box(tmp_path: Path):
+    o = Outbox(tmp_path / "state" / "outbox.db")
+    yield o
+    o.close()
+
+
+def real_counts(o: Outbox) -> dict[str, int]:
+    with o.tx() as c:
+        got = dict(c.execute("SELECT status, COUNT(*) FROM deliveries GROUP BY status"))
+    return {s: got.get(s, 0) for s in ob.STATUSES}
+
+
+def test_open_creates_dir_wal_and_normal_sync(box: Outbox) -> None:
+    assert box.path.exists()
+    with box.tx() as c:
+        assert c.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert c.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+        assert c.execute("PRAGMA busy_timeout").fetchone()[0] == ob.BUSY_TIMEOUT_MS
+
+
+def test_tx_rolls_back_on_error(box: Outbox) -> None:
+    box.add([item(1)])
+    with pytest.raises(RuntimeError), box.tx() as c:
+        c.execute("UPDATE deliveries SET status = 'dead'")
+        raise RuntimeError("boom")
+    assert real_counts(box)["pending"] == 1
+    # The connection is usable afterwards.
+    assert box.list()[0]["status"] == "pending"
+
+
+def test_add_many_is_one_atomic_transaction(box: Outbox, monkeypatch: pytest.MonkeyPatch) -> None:
+    ids = box.add([item(i) for i in range(100)])
+    assert ids == list(range(1, 101))
+    assert box.counts()["pending"] == 100
+    # A batch whose third row fails stores none of its rows.
+    monkeypatch.setattr(ob, "new_id", lambda now=None: "SAME")
+    with pytest.raises(sqlite3.IntegrityError):
+        box.add([item(i) for i in range(3)])
+    assert box.counts() == real_counts(box) == {"pending": 100, "delivered": 0, "dead": 0}
+
+
+def test_claim_leases_in_order_and_reclaims_after_expiry(box: Outbox) -> None:
+    box.add([item(i) for i in range(5)])
+    now = time.time()
+    rows = box.claim("t", 3, now, lease=10)
+    assert [r.event_id for r in rows] == ["ev0", "ev1", "ev2"]
+    assert rows[0].headers == {"X-N": "0"} and rows[0].body == b'{"n": 0}'
+    # The head is leased: nothing can overtake it, and next_due is the lease's end.
+    assert box.claim("t", 3, now + 1, lease=10) == []
+    assert box.next_due("t") == pytest.approx(now + 10)
+    # After the lease (a sender that died) the same rows are claimable again.
+    again = box.claim("t", 10, now + 11, lease=10)
+    assert [r.event_id for r in again] == [f"ev{i}" for i in range(5)]
+    box.release([r.id for r in again])
+    assert len(box.claim("t", 10, now + 11, lease=10)) == 5
+    assert box.claim("other", 10, now + 11) == []
+
+
+def test_head_backing_off_holds_back_later_rows(box: Outbox) -> None:
+    box.add([item(i) for i in range(3)])
+    now = time.time()
+    head = box.claim("t", 1, now)[0]
+    box.mark_retry(head.id, now, now + 30, "HTTP 503", 503)
+    assert box.claim("t", 10, now + 1) == []  # rows 2 and 3 are due but wait behind the head
+    assert box.next_due("t") == pytest.approx(now + 30)
+    rows = box.claim("t", 10, now + 31)
+    assert [r.event_id for r in rows] == ["ev0", "ev1", "ev2"]
+    assert rows[0].attempts == 1
+
+
+def test_states_counts_and_history(box: Outbox) -> None:
+    box.add([item(i) for i in range(4)])
+    now = time.time()
+    rows = box.claim("t", 4, now)
+    box.mark_retry(rows[0].id, now, now, "timeout", None)
+    box.mark_delivered([(rows[0].id, 200), (rows[1].id, 204)], now + 1)
+    box.mark_dead(rows[2].id, now, "HTTP 400", 400)
+    box.mark_dead(rows[3].id, now, "max_age exceeded", None, attempted=False)
+    assert box.counts() == real_counts(box) == {"pending": 0, "delivered": 2, "dead": 2}
+    first = box.get(rows[0].id)
+    assert first is not None
+    assert first["status"] == "delivered" and first["attempts"] == 2
+    assert [(h["status"], h["error"]) for h in first["history"]] == [(None, "timeout"), (200, None)]
+    assert first["next_attempt_at"] is None and first["delivered_at"].endswith("Z")
+    dead = box.list("dead")
+    assert [d["id"] for d in dead] == [rows[3].id, rows[2].id]  # newest first
+    assert dead[0]["attempts"] == 0 and dead[0]["history"] == []
+    assert dead[1]["last_status"] == 400 and dead[1]["attempts"] == 1
+    for d in box.list():
+        assert "url" not in d and "headers" not in d and "body" not in d
+    # Marking a row that is no longer pending changes nothing (and no counter).
+    box.mark_delivered([(rows[2].id, 200)], now)
+    assert box.counts() == real_counts(box)
+    with pytest.raises(ValueError):
+        box.list("bogus")
+
+
+def test_retry_keeps_webhook_id_and_resets(box: Outbox) -> None:
+    (rid,) = box.add([item(1, max_age=60)])
+    now = time.time()
+    row = box.claim("t", 1, now)[0]
+    box.mark_dead(rid, now, "HTTP 400", 400)
+    assert box.retry(rid, now + 100) is True
+    again = box.claim("t", 1, now + 100)[0]
+    assert again.webhook_id == row.webhook_id
+    assert again.attempts == 0 and again.deadline == pytest.approx(now + 160)
+    assert box.counts() == real_counts(box) == {"pending": 1, "delivered": 0, "dead": 0}
+    box.mark_delivered([(rid, 200)], now + 101)
+    assert box.retry(rid, now) is False  # delivered stays delivered
+    assert box.retry(9999, now) is False
+
+
+def test_retry_all_dead_and_purge(box: Outbox) -> None:
+    ids = box.add([item(i) for i in range(3)])
+    now = time.time()
+    box.claim("t", 3, now)
+    for i in ids:
+        box.mark_dead(i, now, "x", None)
+    assert box.retry_all_dead(now) == 3
+    assert box.counts()["pending"] == 3
+    for i in ids[:2]:
+        box.mark_dead(i, now, "x", None)
+    assert box.purge("dead") == 2
+    assert box.counts() == real_counts(box) == {"pending": 1, "delivered": 0, "dead": 0}
+    with pytest.raises(ValueError):
+        box.purge("pending")
+    # Ids are never reused after a purge of the newest rows.
+    assert box.add([item(9)]) == [4]
+
+
+def test_prune_deletes_only_old_delivered(box: Outbox) -> None:
+    ids = box.add([item(i) for i in range(3)])
+    now = time.time()
+    box.claim("t", 3, now)
+    box.mark_delivered([(ids[0], 200)], now - 2 * ob.RETENTION)
+    box.mark_delivered([(ids[1], 200)], now)
+    box.mark_dead(ids[2], now - 2 * ob.RETENTION, "x", None)
+    assert box.prune(now) == 1
+    assert box.counts() == real_counts(box) == {"pending": 0, "delivered": 1, "dead": 1}
+
+
+def test_prune_piggybacks_on_writes(box: Outbox, monkeypatch: pytest.MonkeyPatch) -> None:
+    ids = box.add([item(i) for i in range(2)])
+    now = time.time()
+    box.claim("t", 2, now)
+    box.mark_delivered([(ids[0], 200)], now - 10)
+    monkeypatch.setattr(ob, "RETENTION", 5.0)
+    monkeypatch.setattr(ob, "PRUNE_EVERY", 0.0)
+    box.mark_delivered([(ids[1], 200)], now)  # this write also prunes the older row
+    assert box.counts() == real_counts(box) == {"pending": 0, "delivered": 1, "dead": 0}
+
+
+def test_row_cap(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ob, "MAX_ROWS", 3)
+    o = Outbox(tmp_path / "o.db")
+    try:
+        o.add([item(0), item(1)])
+        with pytest.raises(OutboxFull):
+            o.add([item(2), item(3)])  # would cross the cap: none stored
+        assert o.counts()["pending"] == 2
+        o.add([item(2)])
+        assert o.health() == (False, "outbox full (3 undelivered rows, cap 3)")
+        now = time.time()
+        rows = o.claim("t", 3, now)
+        o.mark_delivered([(rows[0].id, 200)], now)  # draining frees room
+        assert o.health() == (True, "ok")
+        o.add([item(4)])
+    finally:
+        o.close()
+
+
+def test_disk_headroom_refuses_and_recovers(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ob, "STATVFS_CACHE", 0.0)
+    o = Outbox(tmp_path / "o.db")
+    try:
+        o.add([item(0)])
+        monkeypatch.setattr(ob, "MIN_FREE_BYTES", 1 << 62)  # "the disk is nearly full"
+        with pytest.raises(OutboxFull, match="disk nearly full"):
+            o.add([item(1)])
+        ok, why = o.health()
+        assert not ok and "disk nearly full" in why
+        # Draining still works (it must, or the outbox could never empty).
+        now = time.time()
+        o.mark_delivered([(o.claim("t", 1, now)[0].id, 200)], now)
+        monkeypatch.setattr(ob, "MIN_FREE_BYTES", 8 * 1024 * 1024)  # space came back
+        assert o.health() == (True, "ok")
+        assert o.add([item(1)]) == [2]
+    finally:
+        o.close()
+
+
+def test_statvfs_is_cached(box: Outbox, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    real = os.statvfs
+    monkeypatch.setattr(ob.os, "statvfs", lambda p: calls.append(p) or real(p))
+    for i in range(20):
+        box.add([item(i)])
+    assert len(calls) <= 1
+
+
+def test_failed_write_is_reported_then_forgotten(box: Outbox) -> None:
+    with pytest.raises(sqlite3.OperationalError), box.tx() as c:
+        c.execute("INSERT INTO no_such_table VALUES (1)")
+    ok, why = box.health()
+    assert not ok and why.startswith("outbox write failed")
+    box.add([item(1)])
+    assert box.health() == (True, "ok")
+
+
+def test_one_daemon_per_state_dir_and_leases_cleared_at_open(tmp_path: Path) -> None:
+    path = tmp_path / "o.db"
+    first = Outbox(path)
+    first.add([item(i) for i in range(3)])
+    first.claim("t", 3, time.time(), lease=3600)
+    with pytest.raises(OutboxLocked, match="another edgehook daemon"):
+        Outbox(path)
+    assert isinstance(OutboxLocked("x"), EdgehookError)
+    first.close()  # (as if it had crashed holding leases)
+    second = Outbox(path)
+    try:
+        assert len(second.claim("t", 10, time.time())) == 3
+        assert second.counts()["pending"] == 3
+    finally:
+        second.close()
+    with pytest.raises(EdgehookError):
+        second.next_due("t")
+
+
+def _stat(path: Path) -> list[tuple[str, int, int]]:
+    out = []
+    for suffix in ("", "-wal", "-shm"):
+        p = Path(str(path) + suffix)
+        if p.exists():
+            st = p.stat()
+            out.append((suffix, st.st_mtime_ns, st.st_size))
+    return out
+
+
+def test_no_write_when_idle(tmp_path: Path) -> None:
+    o = Outbox(tmp_path / "o.db")
+    try:
+        ids = o.add([item(i) for i in range(3)])
+        now = time.time()
+        o.claim("t", 1, now)
+        o.mark_retry(ids[0], now, now + 3600, "HTTP 503", 503)  # backing off for an hour
+        before = _stat(o.path)
+        time.sleep(0.05)  # let a write, if any, show up as a different mtime
+        for _ in range(200):
+            assert o.claim("t", 50, time.time()) == []
+            assert o.claim("nobody", 50, time.time()) == []
+            o.next_due("t")
+            o.counts()
+            o.list()
+            o.targets_with_pending()
+            o.health()
+        assert _stat(o.path) == before
+    finally:
+        o.close()
+
+
+def test_rows_survive_reopen(tmp_path: Path) -> None:
+    o = Outbox(tmp_path / "o.db")
+    o.add([item(i) for i in range(3)])
+    o.close()
+    o = Outbox(tmp_path / "o.db")
+    try:
+        assert o.counts()["pending"] == 3
+        assert o.targets_with_pending() == {"t"}
+    finally:
+        o.close()
