@@ -120,6 +120,8 @@ BAD = [
     ("yaml syntax", "gpio:\n  backend: [mock\n", 3, r"YAML syntax error"),
     ("bad cidr", "hooks:\n  h:\n    auth: none\n    allow_from: [300.1.1.0/24]\n", 4,
      r"not an address or CIDR range"),
+    ("bad whsec secret", "webhooks:\n  w:\n    url: http://127.0.0.1:1/x\n"
+     "    signing: {scheme: standard, secret: whsec_not-base64!}\n", 4, r"must be base64"),
     ("bad at time", "rules:\n  - when: {at: '25:00'}\n    do: [{webhook: x}]\n", 2,
      r"does not match"),
 ]
@@ -247,3 +249,19 @@ def test_sizes_listen_onoff() -> None:
     assert parse_onoff(True) == "on" and parse_onoff("OFF") == "off"
     with pytest.raises(ValueError):
         parse_listen("localhost")
+
+
+def test_secrets_inside_free_form_values_are_masked(tmp_path: Path) -> None:
+    from edgehook.explain import explain
+
+    cfg = load_config(write(tmp_path, """\
+        mqtt: {host: localhost}
+        rules:
+          - when: {start: true}
+            do:
+              - publish: t
+                payload: {auth: !env SOME_KEY nested-secret-value, plain: visible}
+        """), environ={})
+    assert ("rules", 0, "do", 0, "payload", "auth") in cfg.secret_paths
+    text = explain(cfg)
+    assert "nested-secret-value" not in text and "visible" in text

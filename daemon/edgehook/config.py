@@ -19,6 +19,7 @@ from typing import Any
 
 from . import schema as S
 from .errors import ConfigError
+from .signing import secret_key
 from .templates import Template, TemplateError, compile_template, compile_tree
 from .yamlload import Located, Mark, YamlProblems, read_yaml
 
@@ -312,6 +313,7 @@ class _Checker:
         self.problems: list[str] = []
         self.marks: dict[tuple[Any, ...], Mark] = {}
         self.secrets: set[tuple[Any, ...]] = set()
+        self._current: tuple[Any, ...] = ()
 
     def err(self, mark: Mark, msg: str) -> None:
         self.problems.append(f"{mark}: {msg}")
@@ -340,7 +342,20 @@ class _Checker:
         parts = [p if isinstance(p, str) else f"[{p}]" for p in path]
         return ".".join(parts).replace(".[", "[") or "config"
 
+    def _plain(self, v: Any, path: tuple[Any, ...]) -> Any:
+        """A free-form value as plain data; tagged leaves inside it stay marked secret."""
+        if isinstance(v, Located):
+            if v.secret:
+                self.secrets.add(path)
+            v = v.value
+        if isinstance(v, dict):
+            return {str(k): self._plain(x, (*path, str(k))) for k, x in v.items()}
+        if isinstance(v, list):
+            return [self._plain(x, (*path, i)) for i, x in enumerate(v)]
+        return v
+
     def scalar(self, node: S.Scalar, loc: Located, path: tuple[Any, ...]) -> Any:
+        self._current = path
         v = loc.value
         where = self._name(path)
         if v is None:
@@ -374,7 +389,7 @@ class _Checker:
     def _convert(self, node: S.Scalar, v: Any, from_tag: bool) -> Any:
         kind = node.kind
         if kind == S.ANY:
-            return _plain(v)
+            return self._plain(v, self._current)
         if kind == S.DURATION:
             return parse_duration(v)
         if kind == S.SIZE:
@@ -504,16 +519,6 @@ def _copy_default(spec: S.Key) -> Any:
     return d
 
 
-def _plain(v: Any) -> Any:
-    if isinstance(v, Located):
-        v = v.value
-    if isinstance(v, dict):
-        return {str(k): _plain(x) for k, x in v.items()}
-    if isinstance(v, list):
-        return [_plain(x) for x in v]
-    return v
-
-
 def _suggest(word: str, options: list[str]) -> str:
     close = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
@@ -558,7 +563,8 @@ class _Builder:
         device = Device(id=dev.get("id") or host, name=dev.get("name") or dev.get("id") or host)
         state_dir = raw.get("state_dir") or self.environ.get("STATE_DIRECTORY") or "./state"
         gpio = self.gpio(raw.get("gpio") or {})
-        mqtt = self.mqtt(raw.get("mqtt"), device) if raw.get("mqtt") is not None else None
+        mqtt = self._each({"mqtt": raw.get("mqtt")},
+                          lambda _, m: self.mqtt(m, device)).get("mqtt")
         http = self.http(raw.get("http") or {})
         webhooks = self._each(raw.get("webhooks"), self.webhook)
         hooks = self._each(raw.get("hooks"), self.hook)
@@ -682,10 +688,16 @@ class _Builder:
                           max_body=h.get("max_body") or 65536, timeout=h.get("timeout") or 5.0,
                           max_connections=h.get("max_connections") or 32)
 
-    def signing(self, s: dict[str, Any] | None) -> Signing | None:
+    def signing(self, s: dict[str, Any] | None, path: tuple[Any, ...] = ()) -> Signing | None:
         if not s:
             return None
-        return Signing(scheme=s["scheme"], secrets=tuple(x for x in s["secret"] if x))
+        secrets = tuple(x for x in s["secret"] if x)
+        for i, secret in enumerate(secrets):
+            try:
+                secret_key(secret)
+            except ValueError as exc:  # a whsec_ secret that is not base64
+                self.err((*path, "secret", i), f"{'.'.join(map(str, path))}.secret: {exc}")
+        return Signing(scheme=s["scheme"], secrets=secrets)
 
     def webhook(self, name: str, w: dict[str, Any]) -> WebhookConfig:
         p = ("webhooks", name)
@@ -696,7 +708,8 @@ class _Builder:
         headers = {k: self.template(v, (*p, "headers", k)) for k, v in w["headers"].items()}
         retry = w.get("retry") or {"max_attempts": 12, "max_age": 900.0}
         return WebhookConfig(name=name, url=url, method=w["method"], headers=headers,
-                             timeout=w["timeout"], signing=self.signing(w.get("signing")),
+                             timeout=w["timeout"],
+                             signing=self.signing(w.get("signing"), (*p, "signing")),
                              max_attempts=retry["max_attempts"], max_age=retry["max_age"])
 
     def hook(self, name: str, h: dict[str, Any]) -> HookConfig:
@@ -707,7 +720,7 @@ class _Builder:
         elif isinstance(a, dict) and a.get("__kind__") == "token":
             auth = HookAuth("token", token=a["token"])
         elif isinstance(a, dict) and a.get("__kind__") == "hmac":
-            auth = HookAuth("hmac", signing=self.signing(a["hmac"]))
+            auth = HookAuth("hmac", signing=self.signing(a["hmac"], (*p, "auth", "hmac")))
         else:
             auth = HookAuth("none")
         nets = []

@@ -159,22 +159,26 @@ GPIO = Obj({
 }, "GPIO pins")
 
 TLS = Obj({
-    "ca_file": Key(_s(STR), "CA bundle to verify the broker (default: system CAs)"),
-    "cert_file": Key(_s(STR), "client certificate (mutual TLS)"),
-    "key_file": Key(_s(STR), "client key (mutual TLS)"),
+    "ca_file": Key(_s(STR), "CA bundle to verify the broker (default: system CAs)",
+                   example="/etc/edgehook/ca.pem"),
+    "cert_file": Key(_s(STR), "client certificate (mutual TLS)",
+                     example="/etc/edgehook/client.crt"),
+    "key_file": Key(_s(STR), "client key (mutual TLS)", example="/etc/edgehook/client.key"),
     "insecure": Key(_s(BOOL), "skip hostname verification (testing only)", default=False),
 })
 
 MQTT = Obj({
     "host": Key(_s(STR), "broker host name or address", required=True, example="192.168.1.10"),
     "port": Key(_s(INT, minimum=1, maximum=65535), "broker port", default=1883),
-    "username": Key(_s(STR), "user name"),
-    "password": Key(_s(STR, secret=True), "password (use !env or !file)"),
+    "username": Key(_s(STR), "user name", example="edgehook"),
+    "password": Key(_s(STR, secret=True), "password (use !env or !file)",
+                     example="!env MQTT_PASSWORD"),
     "tls": Key(BoolOr(TLS), "false, true (system CAs) or {ca_file, cert_file, key_file}",
                default=False),
-    "topic_prefix": Key(_s(STR), "prefix of the device topics (default edgehook/<device.id>)"),
+    "topic_prefix": Key(_s(STR), "prefix of the device topics (default edgehook/<device.id>)",
+                         example="edgehook/front-door"),
     "client_id": Key(_s(STR), "MQTT client id, fixed so the session persists "
-                     "(default edgehook-<device.id>)"),
+                     "(default edgehook-<device.id>)", example="edgehook-front-door"),
     "keepalive": Key(DURATION_NODE, "MQTT keepalive", default=60.0),
     "protocol": Key(_enum("3.1.1", "5"), "MQTT protocol version", default="3.1.1"),
     "qos": Key(_s(INT, minimum=0, maximum=2), "QoS for subscriptions, events and commands",
@@ -192,7 +196,7 @@ HTTP = Obj({
     "listen": Key(_s(STR), "address:port of the HTTP API and hooks; a non-loopback address "
                   "needs api_token", default="127.0.0.1:8080"),
     "api_token": Key(_s(STR, secret=True), "bearer token required on /api/* and the status "
-                     "page"),
+                     "page", example="!env EDGEHOOK_API_TOKEN"),
     "max_body": Key(_s(SIZE), "larger request bodies get 413", default=65536, example="64KiB"),
     "timeout": Key(DURATION_NODE, "a client must send its whole request within this time",
                    default=5.0),
@@ -204,14 +208,16 @@ SIGNING = Obj({
                   "X-Hub-Signature-256", required=True),
     "secret": Key(ListOf(_s(STR, secret=True), single_ok=True, min_items=1),
                   "secret, or a list [new, old] to sign with both while rotating",
-                  required=True),
+                  required=True, example="!env SIGNING_SECRET"),
 })
 
 WEBHOOK = Obj({
-    "url": Key(_s(TEMPLATE), "target URL (template)", required=True),
+    "url": Key(_s(TEMPLATE), "target URL (template)", required=True,
+               example="!env DISCORD_WEBHOOK_URL"),
     "method": Key(_enum("POST", "PUT", "PATCH"), "HTTP method", default="POST"),
     "headers": Key(NamedMap(_s(TEMPLATE), name_pattern=r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"),
-                   "extra headers (values are templates)", default={}),
+                   "extra headers (values are templates)", default={},
+                   example="{X-Extra: value}"),
     "timeout": Key(DURATION_NODE, "per-attempt timeout", default=10.0),
     "signing": Key(SIGNING, "sign each delivery"),
     "retry": Key(Obj({
@@ -224,7 +230,7 @@ WEBHOOK = Obj({
 
 HOOK_AUTH = Union({
     "token": Obj({"token": Key(_s(STR, secret=True), "Authorization: Bearer <token> or "
-                               "X-Edgehook-Token", required=True)}),
+                               "X-Edgehook-Token", required=True, example="!env HOOK_TOKEN")}),
     "hmac": Obj({"hmac": Key(SIGNING, "HMAC signature check", required=True)}),
 }, words={"none": "no authentication (must be written to be allowed)"},
     desc="token, hmac or the word none")
@@ -243,11 +249,12 @@ HOOK = Obj({
 
 WHEN = Union({
     "input": Obj({
-        "input": Key(_s(STR), "input name", required=True),
+        "input": Key(_s(STR), "input name", required=True, example="doorbell"),
         "event": Key(_enum(*INPUT_EVENTS), "which input event", default="pressed"),
     }),
     "mqtt": Obj({
-        "mqtt": Key(_s(STR), "topic filter, + and # allowed", required=True),
+        "mqtt": Key(_s(STR), "topic filter, + and # allowed", required=True,
+                     example="alarm/+/state"),
         "qos": Key(_s(INT, minimum=0, maximum=2), "subscription QoS (default mqtt.qos)"),
         "retained": Key(_s(BOOL), "also fire on retained messages", default=False),
         "expect_every": Key(DURATION_NODE, "emit mqtt.silent once when nothing arrived for "
@@ -255,51 +262,58 @@ WHEN = Union({
         "event": Key(_enum("message", "silent", "resumed"), "which MQTT event",
                      default="message"),
     }),
-    "hook": Obj({"hook": Key(_s(STR), "hook name", required=True)}),
+    "hook": Obj({"hook": Key(_s(STR), "hook name", required=True, example="porch-light")}),
     "output": Obj({
-        "output": Key(_s(STR), "output name", required=True),
+        "output": Key(_s(STR), "output name", required=True, example="porch_light"),
         "state": Key(_s(ONOFF), "only changes to this state"),
     }),
     "start": Obj({"start": Key(_s(BOOL), "fire once when the daemon starts", required=True)}),
     "at": Obj({"at": Key(_s(STR, pattern=r"^([01]?\d|2[0-3]):[0-5]\d$"),
-                         "local time HH:MM, daily", required=True)}),
-    "every": Obj({"every": Key(DURATION_NODE, "fire periodically", required=True)}),
+                         "local time HH:MM, daily", required=True, example='"23:00"')}),
+    "every": Obj({"every": Key(DURATION_NODE, "fire periodically", required=True,
+                               example="5m")}),
 }, desc="the trigger: exactly one of input, mqtt, hook, output, start, at, every")
 
 ACTION = Union({
     "webhook": Obj({
-        "webhook": Key(_s(STR), "webhook target name", required=True),
+        "webhook": Key(_s(STR), "webhook target name", required=True, example="discord"),
         "body": Key(_s(ANY), "body: a mapping/list becomes JSON, strings are templates; "
-                    "default: the event"),
+                    "default: the event",
+                    example='{content: "Someone is at the {{ device.name }}"}'),
     }),
     "output": Obj({
-        "output": Key(_s(STR), "output name", required=True),
-        "set": Key(_s(TEMPLATE), "on | off | toggle (template)", required=True),
-        "for": Key(DURATION_NODE, "revert after this long"),
+        "output": Key(_s(STR), "output name", required=True, example="porch_light"),
+        "set": Key(_s(TEMPLATE), "on | off | toggle (template)", required=True,
+                   example='"{{ event.body.state }}"'),
+        "for": Key(DURATION_NODE, "revert after this long", example="30s"),
     }),
     "publish": Obj({
-        "publish": Key(_s(TEMPLATE), "MQTT topic (template)", required=True),
+        "publish": Key(_s(TEMPLATE), "MQTT topic (template)", required=True,
+                       example="home/porch/light"),
         "payload": Key(_s(ANY), "payload: a mapping becomes JSON, strings are templates",
-                       default=""),
+                       default="", example='"{{ event.body.state }}"'),
         "qos": Key(_s(INT, minimum=0, maximum=2), "QoS (default mqtt.qos)"),
         "retain": Key(_s(BOOL), "retain the message", default=False),
     }),
 }, desc="one of webhook, output, publish")
 
 RULE = Obj({
-    "name": Key(_s(STR), "name used in logs (default rule-<n>)"),
+    "name": Key(_s(STR), "name used in logs (default rule-<n>)", example="ring"),
     "when": Key(WHEN, "the trigger", required=True),
-    "if": Key(_s(TEMPLATE), "template that must render truthy"),
+    "if": Key(_s(TEMPLATE), "template that must render truthy",
+              example="\"{{ event.payload.state == 'triggered' }}\""),
     "cooldown": Key(DURATION_NODE, "ignore further firings for this long", example="10s"),
     "do": Key(ListOf(ACTION, single_ok=True, min_items=1), "actions, in order", required=True),
 }, "a rule: when, if, do")
 
 ROOT = Obj({
     "device": Key(Obj({
-        "id": Key(_s(STR, pattern=r"^[a-z0-9_-]+$"), "device id (default: the hostname)"),
-        "name": Key(_s(STR), "display name (default: id)"),
+        "id": Key(_s(STR, pattern=r"^[a-z0-9_-]+$"), "device id (default: the hostname)",
+                  example="front-door"),
+        "name": Key(_s(STR), "display name (default: id)", example="Front door"),
     }), "this device"),
-    "state_dir": Key(_s(STR), "where the outbox lives (default $STATE_DIRECTORY, else ./state)"),
+    "state_dir": Key(_s(STR), "where the outbox lives (default $STATE_DIRECTORY, else ./state)",
+                     example="/var/lib/edgehook"),
     "gpio": Key(GPIO, "GPIO inputs and outputs"),
     "mqtt": Key(MQTT, "MQTT broker (optional)"),
     "http": Key(HTTP, "HTTP API and hooks"),
