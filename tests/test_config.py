@@ -122,6 +122,9 @@ BAD = [
      r"not an address or CIDR range"),
     ("bad whsec secret", "webhooks:\n  w:\n    url: http://127.0.0.1:1/x\n"
      "    signing: {scheme: standard, secret: whsec_not-base64!}\n", 4, r"must be base64"),
+    ("interlock on_stop on twice", "gpio:\n  outputs:\n    up: {pin: 5, interlock: door, "
+     "on_stop: on}\n    down: {pin: 6, interlock: door, on_stop: on}\n", 4,
+     r"on_stop: on conflicts with up in interlock group 'door'"),
     ("bad at time", "rules:\n  - when: {at: '25:00'}\n    do: [{webhook: x}]\n", 2,
      r"does not match"),
 ]

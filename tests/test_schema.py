@@ -382,7 +382,7 @@ CONFIG_TEST_LOADER_ONLY = {
     "rule names missing hook", "missing env var", "duplicate key", "bad set word",
     "template syntax", "LAN listener without token", "pin used twice",
     "pull none needs active", "held needs hold", "mqtt trigger without mqtt",
-    "bad mqtt filter", "bad url", "bad cidr", "bad whsec secret",
+    "bad mqtt filter", "bad url", "bad cidr", "bad whsec secret", "interlock on_stop on twice",
 }
 
 

@@ -627,17 +627,16 @@ class _Builder:
                 cls=o["class"], max_on=o.get("max_on"), on_stop=o["on_stop"],
                 min_interval=o.get("min_interval"), interlock=o.get("interlock"))
             self._pin(pins, o["pin"], (*p, "pin"))
-            if o["initial"] == "on" and o.get("interlock"):
-                pass  # checked below, once all outputs are known
-        groups: dict[str, list[str]] = {}
-        for o in outputs.values():
-            if o.interlock and o.initial == "on":
-                groups.setdefault(o.interlock, []).append(o.name)
-        for group, names in groups.items():
-            if len(names) > 1:
-                self.err(("gpio", "outputs", names[1], "initial"),
-                         f"gpio.outputs.{names[1]}: initial: on conflicts with {names[0]} in "
-                         f"interlock group {group!r}")
+        for key in ("initial", "on_stop"):
+            groups: dict[str, list[str]] = {}
+            for o in outputs.values():
+                if o.interlock and getattr(o, key) == "on":
+                    groups.setdefault(o.interlock, []).append(o.name)
+            for group, names in groups.items():
+                if len(names) > 1:
+                    self.err(("gpio", "outputs", names[1], key),
+                             f"gpio.outputs.{names[1]}: {key}: on conflicts with {names[0]} "
+                             f"in interlock group {group!r}")
         dup = set(inputs) & set(outputs)
         for name in sorted(dup):
             self.err(("gpio", "outputs", name), f"gpio.outputs.{name}: an input has the same "

@@ -22,7 +22,9 @@ from .inputs import InputLogic, Timers
 
 _LOG = logging.getLogger(__name__)
 
-SIM_CLICK = 0.05  # seconds a simulated click keeps the button down
+SIM_CLICK = 0.05  # seconds a simulated click keeps the button down (plus delayed_on)
+SIM_GAP = 0.05    # seconds between two queued simulated actions (plus delayed_off)
+SIM_HOLD = 1.0    # seconds a simulated hold lasts when the input has no hold/long_press
 
 
 def make_pin_factory(backend: str) -> Any:
@@ -35,94 +37,143 @@ def make_pin_factory(backend: str) -> Any:
 
         return MockFactory()
     from gpiozero import Device
-    from gpiozero.exc import BadPinFactory
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # gpiozero warns once per fallback it tries
         try:
             return Device._default_pin_factory()
-        except BadPinFactory:
-            raise NoGpioError("no GPIO found on this machine (no gpiozero pin factory could "
-                              "load: install lgpio on a Pi); to try edgehook without "
-                              "hardware use --simulate or gpio.backend: mock") from None
+        except Exception as exc:  # BadPinFactory, or the named factory's ImportError
+            why = str(exc).strip().rstrip("!.") or type(exc).__name__
+            raise NoGpioError(f"no GPIO found on this machine (gpiozero: {why}; on a Pi, "
+                              "install lgpio); to run without hardware use --simulate or "
+                              "gpio.backend: mock") from None
 
 
-@dataclass(slots=True)
+@dataclass(eq=False, slots=True)
+class _Job:
+    """A pending revert or max_on switch-off; its identity is its token."""
+
+    at: float                # wall time it is due (for the API's `until`)
+    handle: Any = None
+
+    def cancel(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+
+
+@dataclass(eq=False, slots=True)
 class _Out:
     cfg: OutputConfig
     device: Any
-    revert: Any = None       # scheduler handle of a pending `for:` revert
-    max_on: Any = None       # scheduler handle of the max_on switch-off
-    until: float | None = None  # wall time of the pending revert / max_on
-    revert_to: bool = False  # the state before the first of a chain of `for:` commands
+    revert: _Job | None = None   # a pending `for:` revert
+    max_on: _Job | None = None   # the max_on switch-off while on
+    revert_to: bool = False      # the state before the first of a chain of `for:` commands
     last_change: float = float("-inf")
+
+    @property
+    def until(self) -> float | None:
+        due = [j.at for j in (self.revert, self.max_on) if j is not None]
+        return min(due) if due else None
 
 
 class Gpio:
     """Owns the pins: inputs feed InputLogic, outputs obey commands with their limits."""
 
     def __init__(self, cfg: GpioConfig, put: Callable[[Event], None], timers: Timers,
-                 pin_factory: Any = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 pin_factory: Any = None, clock: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], float] = time.time) -> None:
         self.cfg = cfg
         self.backend = cfg.backend
         self._put = put
         self._timers = timers
         self._clock = clock
+        self._wall = wall
         self._lock = threading.RLock()
         self.factory = pin_factory if pin_factory is not None else make_pin_factory(cfg.backend)
         self.inputs: dict[str, tuple[Any, InputLogic]] = {}
         self.outputs: dict[str, _Out] = {}
+        self._sim_free: dict[str, float] = {}  # input -> clock time its simulation is done
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
-        """Open every pin; `initial` applies to outputs. Raises NoGpioError / CommandError."""
+        """Open every pin; `initial` applies to outputs. Raises CommandError on a bad pin."""
         from gpiozero import DigitalInputDevice, DigitalOutputDevice
         from gpiozero.exc import GPIOZeroError
 
         try:
-            for name, ocfg in self.cfg.outputs.items():
-                dev = DigitalOutputDevice(ocfg.pin, active_high=ocfg.active == "high",
-                                          initial_value=ocfg.initial == "on",
-                                          pin_factory=self.factory)
-                out = _Out(ocfg, dev)
-                self.outputs[name] = out
-                if ocfg.initial == "on":
-                    out.last_change = self._clock()
-                    self._arm_max_on(out)
-            for name, icfg in self.cfg.inputs.items():
-                dev = DigitalInputDevice(
-                    icfg.pin, pull_up=_pull(icfg), active_state=_active(icfg),
-                    bounce_time=icfg.bounce, pin_factory=self.factory)
-                logic = InputLogic(icfg, self._emitter(name), self._timers)
-                logic.start(bool(dev.is_active))
-                dev.when_activated = lambda _d=None, lg=logic: lg.raw(True)
-                dev.when_deactivated = lambda _d=None, lg=logic: lg.raw(False)
-                self.inputs[name] = (dev, logic)
+            with self._lock:
+                for name, ocfg in self.cfg.outputs.items():
+                    dev = DigitalOutputDevice(ocfg.pin, active_high=ocfg.active == "high",
+                                              initial_value=ocfg.initial == "on",
+                                              pin_factory=self.factory)
+                    # Write it again: a line still claimed as an output (left driven by
+                    # a reload's close) ignores the initial state of a new claim in lgpio.
+                    dev.value = 1 if ocfg.initial == "on" else 0
+                    out = _Out(ocfg, dev)
+                    self.outputs[name] = out
+                    if ocfg.initial == "on":
+                        out.last_change = self._clock()
+                        self._arm_max_on(out)
+                    _LOG.debug("output %s on %s: initial %s", name, ocfg.pin, ocfg.initial)
+                for name, icfg in self.cfg.inputs.items():
+                    dev = DigitalInputDevice(
+                        icfg.pin, pull_up=_pull(icfg), active_state=_active(icfg),
+                        bounce_time=icfg.bounce, pin_factory=self.factory)
+                    logic = InputLogic(icfg, self._emitter(name), self._timers)
+                    logic.start(bool(dev.is_active))
+                    dev.when_activated = lambda _d=None, lg=logic: lg.raw(True)
+                    dev.when_deactivated = lambda _d=None, lg=logic: lg.raw(False)
+                    self.inputs[name] = (dev, logic)
         except GPIOZeroError as exc:
             self.close(apply_on_stop=False)
             raise CommandError(f"GPIO setup failed: {exc}") from None
 
     def close(self, apply_on_stop: bool = True) -> None:
-        """Leave outputs as `on_stop` says, then release every pin."""
+        """Leave outputs as `on_stop` says (or as they are), then release every pin.
+
+        Outputs are released without gpiozero's reset to input, so the line keeps the
+        level set here until the process exits; what the kernel does then is in
+        docs/inputs-outputs.md.
+        """
         with self._lock:
-            for out in self.outputs.values():
-                for h in (out.revert, out.max_on):
-                    if h is not None:
-                        h.cancel()
-                if apply_on_stop and out.cfg.on_stop != "keep":
-                    try:
-                        out.device.value = 1 if out.cfg.on_stop == "on" else 0
-                    except Exception:  # a pin that is already gone cannot be set
-                        _LOG.warning("output %s: could not apply on_stop", out.cfg.name)
-                if out.cfg.on_stop != "keep" or not apply_on_stop:
-                    out.device.close()
-                # on_stop: keep leaves the device open so the pin is not reset; the process
-                # exits right after, and the kernel keeps the line as it was.
+            outs = list(self.outputs.values())
+            for out in outs:
+                for job in (out.revert, out.max_on):
+                    if job is not None:
+                        job.cancel()
+                out.revert = out.max_on = None
+            if apply_on_stop:
+                # offs (and keeps) first, so an `on` never meets an interlocked partner
+                for out in sorted(outs, key=lambda o: o.cfg.on_stop == "on"):
+                    self._apply_on_stop(out)
+            for out in outs:
+                _release_driven(out.device)
             for dev, logic in self.inputs.values():
                 logic.close()
                 dev.close()
             self.inputs.clear()
             self.outputs.clear()
+
+    def _apply_on_stop(self, out: _Out) -> None:
+        mode = out.cfg.on_stop
+        name = out.cfg.name
+        try:
+            current = bool(out.device.value)
+            if mode == "keep":
+                _LOG.info("output %s stays %s (on_stop: keep)", name, _word(current))
+                return
+            want = mode == "on"
+            if want and out.cfg.interlock and any(
+                    o is not out and o.cfg.interlock == out.cfg.interlock and o.device.value
+                    for o in self.outputs.values()):
+                _LOG.warning("output %s: on_stop: on skipped: another output of interlock "
+                             "group %r is on", name, out.cfg.interlock)
+                want = False
+            if current != want:
+                out.device.value = 1 if want else 0
+            _LOG.info("output %s -> %s (on_stop: %s)", name, _word(want), mode)
+        except Exception as exc:  # a pin that is already gone cannot be set
+            _LOG.warning("output %s: could not apply on_stop: %s", name, exc)
 
     # ------------------------------------------------------------------ inputs
     def _emitter(self, name: str) -> Callable[[str, dict[str, Any]], None]:
@@ -132,43 +183,61 @@ class Gpio:
 
     def input_states(self) -> dict[str, dict[str, Any]]:
         """name -> {"state": on|off, "class": ...} for the API and templates."""
-        return {n: {"state": "on" if lg.state else "off", "class": lg.cfg.cls}
+        return {n: {"state": _word(lg.state), "class": lg.cfg.cls}
                 for n, (_, lg) in self.inputs.items()}
 
     def simulate(self, name: str, action: str) -> None:
-        """Drive a simulated input: press | release | click | hold (mock backend only)."""
+        """Drive a simulated input: press | release | click | hold (mock backend only).
+
+        Actions on one input queue behind each other, so two `click`s sent at once
+        are two clicks (a double click), not one long press.
+        """
         if self.backend != "mock":
             raise CommandError("inputs can only be simulated with gpio.backend: mock "
                                "(or --simulate)")
-        if name not in self.inputs:
-            raise KeyError(name)
-        dev, logic = self.inputs[name]
-        pin = dev.pin
-        cfg = logic.cfg
-        active_low = _active_level_low(cfg)
-
-        def drive(active: bool) -> None:
-            level_high = (not active) if active_low else active
-            if cfg.filters.invert:
-                level_high = not level_high
-            if level_high:
-                pin.drive_high()
-            else:
-                pin.drive_low()
-
-        if action == "press":
-            drive(True)
-        elif action == "release":
-            drive(False)
-        elif action == "click":
-            drive(True)
-            self._timers.call_later(SIM_CLICK + cfg.filters.delayed_on, lambda: drive(False))
-        elif action == "hold":
-            hold = max(cfg.hold or 0.0, cfg.gestures.long_press if cfg.gestures else 0.0)
-            drive(True)
-            self._timers.call_later(hold + cfg.filters.delayed_on + 0.2, lambda: drive(False))
-        else:
+        if action not in ("press", "release", "click", "hold"):
             raise CommandError(f"unknown action {action!r}: use press, release, click or hold")
+        with self._lock:
+            if name not in self.inputs:
+                raise KeyError(name)
+            dev, logic = self.inputs[name]
+            cfg = logic.cfg
+            f = cfg.filters
+            if action in ("press", "release"):
+                steps, busy = [(0.0, action == "press")], 0.0
+            else:
+                if action == "click":
+                    down = SIM_CLICK + f.delayed_on
+                else:
+                    down = max(cfg.hold or 0.0, cfg.gestures.long_press if cfg.gestures
+                               else 0.0) or SIM_HOLD
+                    down += f.delayed_on + 0.2
+                steps, busy = [(0.0, True), (down, False)], down + SIM_GAP + f.delayed_off
+            now = self._clock()
+            begin = max(now, self._sim_free.get(name, now))
+            self._sim_free[name] = begin + busy
+            for offset, active in steps:
+                delay = begin - now + offset
+                if delay <= 0:
+                    self._drive(name, dev, active)
+                else:
+                    self._timers.call_later(
+                        delay, lambda d=dev, a=active: self._drive(name, d, a))
+
+    def _drive(self, name: str, dev: Any, active: bool) -> None:
+        """Set a mock input pin so that the input reads `active` (before invert)."""
+        with self._lock:
+            entry = self.inputs.get(name)
+            if entry is None or entry[0] is not dev:
+                return  # closed or reloaded meanwhile
+            cfg = entry[1].cfg
+            high = active != _active_level_low(cfg)
+            if cfg.filters.invert:
+                high = not high
+            if high:
+                dev.pin.drive_high()
+            else:
+                dev.pin.drive_low()
 
     # ------------------------------------------------------------------ outputs
     def output_states(self) -> dict[str, dict[str, Any]]:
@@ -177,8 +246,9 @@ class Gpio:
             return {n: self._out_state(o) for n, o in self.outputs.items()}
 
     def _out_state(self, out: _Out) -> dict[str, Any]:
-        return {"state": "on" if out.device.value else "off",
-                "until": rfc3339(out.until) if out.until else None, "class": out.cfg.cls}
+        until = out.until
+        return {"state": _word(bool(out.device.value)),
+                "until": rfc3339(until) if until else None, "class": out.cfg.cls}
 
     def output_state(self, name: str) -> dict[str, Any]:
         """The API shape of one output: {"name", "state", "until"}."""
@@ -199,12 +269,12 @@ class Gpio:
         Raises KeyError for an unknown output and CommandError when min_interval refuses.
         Returns the API shape of the output's new state.
         """
+        if state not in ("on", "off", "toggle"):
+            raise CommandError(f"state {state!r} is not on, off or toggle")
         with self._lock:
             out = self._get(name)
             current = bool(out.device.value)
             target = (not current) if state == "toggle" else state == "on"
-            if state not in ("on", "off", "toggle"):
-                raise CommandError(f"state {state!r} is not on, off or toggle")
             now = self._clock()
             if target != current and out.cfg.min_interval is not None:
                 since = now - out.last_change
@@ -217,27 +287,40 @@ class Gpio:
             # A new command cancels a pending revert; a new `for:` on top of one keeps the
             # state from before the first, so "on for 30s" twice still ends off.
             before = out.revert_to if out.revert is not None else current
-            if out.revert is not None:
-                out.revert.cancel()
-                out.revert = None
-                out.until = None
+            self._cancel_revert(out)
             self._switch(out, target, origin)
             if duration and target != before:
                 out.revert_to = before
-                out.revert = self._timers.call_later(
-                    duration, lambda: self._revert(name, before, out))
-                out.until = time.time() + duration
+                out.revert = self._arm(out, "revert", duration,
+                                       lambda: self._switch(out, before, "revert after for:"))
             return {"name": name, **self._out_state(out)}
+
+    def _arm(self, out: _Out, kind: str, delay: float, fn: Callable[[], None]) -> _Job:
+        """Schedule `fn` under the lock; it runs only while this job is still current."""
+        job = _Job(self._wall() + delay)
+
+        def run() -> None:
+            with self._lock:
+                if self.outputs.get(out.cfg.name) is not out or getattr(out, kind) is not job:
+                    return  # cancelled after the timer thread had picked it up, or closed
+                setattr(out, kind, None)
+                fn()
+
+        job.handle = self._timers.call_later(delay, run)
+        return job
+
+    def _cancel_revert(self, out: _Out) -> None:
+        if out.revert is not None:
+            out.revert.cancel()
+            out.revert = None
 
     def _switch(self, out: _Out, on: bool, origin: str) -> None:
         if on and out.cfg.interlock:
             for other in self.outputs.values():
                 if other is not out and other.cfg.interlock == out.cfg.interlock \
                         and other.device.value:
+                    self._cancel_revert(other)
                     self._switch(other, False, f"interlock with {out.cfg.name}")
-                    if other.revert is not None:
-                        other.revert.cancel()
-                        other.revert = None
         previous = bool(out.device.value)
         if previous == on:
             return
@@ -245,45 +328,46 @@ class Gpio:
         out.last_change = self._clock()
         if on:
             self._arm_max_on(out)
-        else:
-            if out.max_on is not None:
-                out.max_on.cancel()
-                out.max_on = None
-            if out.revert is None:
-                out.until = None
-        _LOG.info("output %s -> %s (%s)", out.cfg.name, "on" if on else "off",
-                  origin or "command")
+        elif out.max_on is not None:
+            out.max_on.cancel()
+            out.max_on = None
+        _LOG.info("output %s -> %s (%s)", out.cfg.name, _word(on), origin or "command")
         self._put(make_event("output.changed", out.cfg.name,
-                             {"state": "on" if on else "off",
-                              "previous": "on" if previous else "off", "origin": origin}))
+                             {"state": _word(on), "previous": _word(previous),
+                              "origin": origin}))
 
     def _arm_max_on(self, out: _Out) -> None:
-        if out.cfg.max_on:
-            if out.max_on is not None:
-                out.max_on.cancel()
-            name = out.cfg.name
-            out.max_on = self._timers.call_later(out.cfg.max_on,
-                                                 lambda: self._expire(name, out))
-            if out.until is None:
-                out.until = time.time() + out.cfg.max_on
+        if not out.cfg.max_on:
+            return
+        if out.max_on is not None:
+            out.max_on.cancel()
 
-    def _expire(self, name: str, out: _Out) -> None:
-        with self._lock:
-            if self.outputs.get(name) is not out:
-                return
-            out.max_on = None
-            if out.revert is not None:
-                out.revert.cancel()
-                out.revert = None
+        def expire() -> None:
+            self._cancel_revert(out)
             self._switch(out, False, f"max_on {out.cfg.max_on:g} s")
 
-    def _revert(self, name: str, previous: bool, out: _Out) -> None:
-        with self._lock:
-            if self.outputs.get(name) is not out:
-                return
-            out.revert = None
-            out.until = None
-            self._switch(out, previous, "revert after for:")
+        out.max_on = self._arm(out, "max_on", out.cfg.max_on, expire)
+
+
+def _word(on: bool) -> str:
+    return "on" if on else "off"
+
+
+def _release_driven(dev: Any) -> None:
+    """Close a gpiozero output device without its reset of the line to an input.
+
+    gpiozero's `close()` (and its `__del__`) turn the pin back into an input, which
+    would undo `on_stop` (lgpio: gpio_claim_input). Releasing the reservation and
+    dropping the pin first leaves the line driven; the factory still owns the pin.
+    """
+    pin = getattr(dev, "_pin", None)
+    if pin is not None:
+        try:
+            dev.pin_factory.release_pins(dev, pin.info.name)
+            dev._pin = None
+        except Exception:  # an unexpected gpiozero shape: fall back to a plain close
+            _LOG.debug("could not detach %r; closing it normally", dev, exc_info=True)
+    dev.close()
 
 
 def _pull(cfg: InputConfig) -> bool | None:

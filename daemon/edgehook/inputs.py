@@ -12,6 +12,12 @@ Timing, for one input with `filters: {delayed_on: 50ms}`, `hold: 2s` and
     level    ___________|‾‾‾‾‾‾‾‾‾‾‾‾‾‾‾‾‾‾‾‾‾‾‾‾|_____   (10 ms glitch dropped, +50 ms)
     events              pressed   long_press  held   released
                         (t)       (t+1s)      (t+2s)
+
+Gestures (after the filters): a press shorter than `long_press` is a click, reported
+once the `double_click` window after its release has passed with no second press. If a
+second press starts inside that window, the pair is one `double_click` (reported at
+the second release) and no `click` at all. A press that reaches `long_press` fires
+`long_press` while still held and is never a click. docs/inputs-outputs.md has the diagrams.
 """
 
 from __future__ import annotations
@@ -35,7 +41,11 @@ Emit = Callable[[str, dict[str, Any]], None]
 
 
 class InputLogic:
-    """Turns raw levels of one input into its events; thread-safe."""
+    """Turns raw levels of one input into its events; thread-safe.
+
+    Every timer is kept in a named slot with a token: a job that the scheduler had
+    already taken when it was cancelled finds its token gone and does nothing.
+    """
 
     def __init__(self, cfg: InputConfig, emit: Emit, timers: Timers) -> None:
         self.cfg = cfg
@@ -44,14 +54,39 @@ class InputLogic:
         self._lock = threading.RLock()
         self.state = False          # the filtered, logical level (True = pressed/active)
         self._raw = False
-        self._pending: TimerHandle | None = None   # delayed_on / delayed_off commit
-        self._hold: TimerHandle | None = None
-        self._long: TimerHandle | None = None
-        self._click: TimerHandle | None = None     # a first click waiting for a second
+        self._slots: dict[str, tuple[object, TimerHandle | None]] = {}
+        self._second = False        # this press started inside a double_click window
         self._long_fired = False
-        self._silence: TimerHandle | None = None
         self._silent = False
+        self._closed = False
 
+    # ------------------------------------------------------------------ timers
+    def _arm(self, slot: str, delay: float, fn: Callable[[], None]) -> None:
+        self._cancel(slot)
+        token = object()
+
+        def run() -> None:
+            with self._lock:
+                if self._closed or self._slots.get(slot, (None,))[0] is not token:
+                    return
+                del self._slots[slot]
+                fn()
+
+        self._slots[slot] = (token, None)
+        handle = self._timers.call_later(delay, run)
+        if self._slots.get(slot, (None,))[0] is token:
+            self._slots[slot] = (token, handle)
+
+    def _cancel(self, slot: str) -> bool:
+        """Cancel the job in `slot`; True if one was pending."""
+        entry = self._slots.pop(slot, None)
+        if entry is None:
+            return False
+        if entry[1] is not None:
+            entry[1].cancel()
+        return True
+
+    # ------------------------------------------------------------------ edges
     def start(self, level: bool) -> None:
         """Take the pin's level at start without emitting, and arm the silence watchdog."""
         with self._lock:
@@ -62,105 +97,88 @@ class InputLogic:
         """A pin edge: `active` is gpiozero's is_active (before our invert)."""
         level = active != self.cfg.filters.invert
         with self._lock:
-            if level == self._raw:
+            if self._closed or level == self._raw:
                 return
             self._raw = level
-            if self._pending is not None:
-                self._pending.cancel()
-                self._pending = None
+            self._cancel("filter")
             if level == self.state:
                 return  # a glitch that came back before its delay ran out
             delay = self.cfg.filters.delayed_on if level else self.cfg.filters.delayed_off
             if delay > 0:
-                self._pending = self._timers.call_later(delay, lambda: self._commit(level))
+                self._arm("filter", delay, lambda: self._commit(level))
             else:
                 self._commit(level)
 
     def _commit(self, level: bool) -> None:
-        with self._lock:
-            self._pending = None
-            if level == self.state or level != self._raw:
-                return
-            self.state = level
-            if self._silent:
-                self._silent = False
-                self._emit("resumed", {"state": _word(level)})
-            self._arm_silence()
-            self._emit("pressed" if level else "released", {"state": _word(level)})
-            if level:
-                self._on_press()
-            else:
-                self._on_release()
+        if level == self.state or level != self._raw:
+            return
+        self.state = level
+        if self._silent:
+            self._silent = False
+            self._emit("resumed", {"state": _word(level)})
+        self._arm_silence()
+        self._emit("pressed" if level else "released", {"state": _word(level)})
+        if level:
+            self._on_press()
+        else:
+            self._on_release()
 
+    # ------------------------------------------------------------------ hold, gestures
     def _on_press(self) -> None:
         if self.cfg.hold:
-            self._hold = self._timers.call_later(self.cfg.hold, self._fire_hold)
+            self._arm("hold", self.cfg.hold, self._fire_hold)
         g = self.cfg.gestures
         if g:
             self._long_fired = False
-            self._long = self._timers.call_later(g.long_press, self._fire_long)
+            self._second = self._cancel("click")  # a first click was waiting for this
+            self._arm("long", g.long_press, self._fire_long)
 
     def _on_release(self) -> None:
-        for t in (self._hold, self._long):
-            if t is not None:
-                t.cancel()
-        self._hold = self._long = None
+        self._cancel("hold")
+        self._cancel("long")
         g = self.cfg.gestures
-        if not g or self._long_fired:
+        if not g:
             return
-        if self._click is not None:
-            self._click.cancel()
-            self._click = None
+        second, self._second = self._second, False
+        if self._long_fired:
+            return
+        if second:
             self._emit("double_click", {"state": "off"})
         else:
-            self._click = self._timers.call_later(g.double_click, self._fire_click)
+            self._arm("click", g.double_click, self._fire_click)
 
     def _fire_hold(self) -> None:
-        with self._lock:
-            if self.state and self._hold is not None:
-                self._hold = None
-                self._emit("held", {"state": "on", "seconds": self.cfg.hold})
+        if self.state:
+            self._emit("held", {"state": "on", "seconds": self.cfg.hold})
 
     def _fire_long(self) -> None:
-        with self._lock:
-            if not self.state or self._long is None:
-                return
-            self._long = None
-            if self._click is not None:  # a click before this press stands on its own
-                self._click.cancel()
-                self._click = None
-                self._emit("click", {"state": "on"})
-            self._long_fired = True
-            self._emit("long_press", {"state": "on"})
+        if not self.state:
+            return
+        if self._second:  # the click before this press stands on its own
+            self._second = False
+            self._emit("click", {"state": "on"})
+        self._long_fired = True
+        self._emit("long_press", {"state": "on"})
 
     def _fire_click(self) -> None:
-        with self._lock:
-            if self._click is None:
-                return
-            self._click = None
-            self._emit("click", {"state": _word(self.state)})
+        self._emit("click", {"state": _word(self.state)})
 
+    # ------------------------------------------------------------------ silence
     def _arm_silence(self) -> None:
-        if self._silence is not None:
-            self._silence.cancel()
-            self._silence = None
         if self.cfg.expect_every:
-            self._silence = self._timers.call_later(self.cfg.expect_every, self._fire_silent)
+            self._arm("silence", self.cfg.expect_every, self._fire_silent)
 
     def _fire_silent(self) -> None:
-        with self._lock:
-            if self._silence is None or self._silent:
-                return
-            self._silence = None
+        if not self._silent:
             self._silent = True
             self._emit("silent", {"state": _word(self.state), "seconds": self.cfg.expect_every})
 
     def close(self) -> None:
-        """Cancel every pending timer."""
+        """Cancel every pending timer; later edges are ignored."""
         with self._lock:
-            for t in (self._pending, self._hold, self._long, self._click, self._silence):
-                if t is not None:
-                    t.cancel()
+            self._closed = True
+            for slot in list(self._slots):
+                self._cancel(slot)
 
 
 def _word(level: bool) -> str:

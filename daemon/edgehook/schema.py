@@ -113,8 +113,9 @@ FILTERS = Obj({
 }, "software filters applied to edges before rules see them")
 
 GESTURES = Obj({
-    "double_click": Key(DURATION_NODE, "a second click within this window is a double_click "
-                        "(and the first is then not a click)", default=0.4, example="400ms"),
+    "double_click": Key(DURATION_NODE, "a second press starting within this long after the "
+                        "first release is a double_click (no click is reported)",
+                        default=0.4, example="400ms"),
     "long_press": Key(DURATION_NODE, "pressed at least this long is a long_press, not a click",
                       default=1.0, example="1s"),
 }, "emit click, double_click and long_press events")
