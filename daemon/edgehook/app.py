@@ -23,6 +23,7 @@ from .errors import ConfigError
 from .events import Event, make_event, rfc3339
 from .gpio import Gpio
 from .http_api import Api, HttpServer
+from .metrics import Histogram
 from .notify import Notifier, WatchdogPinger
 from .outbox import NewDelivery, Outbox
 from .rules import Plan, RuleEngine, WebhookCall
@@ -48,9 +49,11 @@ class Daemon:
         self.scheduler = Scheduler()
         self.bus = Bus()
         self.counters: Counter[str] = Counter()
+        self.delivery_latency = Histogram()
         self.engine = RuleEngine(cfg)
-        self.outbox = Outbox(Path(cfg.state_dir) / "outbox.db")
+        # GPIO first: on a machine without pins we exit before creating the outbox file
         self.gpio = Gpio(cfg.gpio, self.bus.put, self.scheduler, pin_factory=pin_factory)
+        self.outbox = Outbox(Path(cfg.state_dir) / "outbox.db")
         self.sender = Sender(self.outbox, cfg.webhooks, on_result=self._on_delivery)
         self.dispatcher = Dispatcher(self.bus, self.engine, Actions(
             store=self._store, set_output=self._set_output, publish=self._publish,
@@ -173,10 +176,16 @@ class Daemon:
     def _apply(self, old: Config, new: Config) -> None:
         if new.gpio != old.gpio:
             _LOG.info("GPIO configuration changed: reopening pins")
+            was_on = {n: v["state"] == "on" for n, v in self.gpio.output_states().items()}
             self.gpio.close(apply_on_stop=False)
             gpio = Gpio(new.gpio, self.bus.put, self.scheduler, pin_factory=self.gpio.factory)
             gpio.start()
             self.gpio = gpio
+            # an output whose own config did not change keeps its state (its max_on is
+            # armed again; a pending `for:` revert is not carried over)
+            for name, on in was_on.items():
+                if on and old.gpio.outputs.get(name) == new.gpio.outputs.get(name):
+                    gpio.set_output(name, "on", None, "reload: state kept")
         engine = RuleEngine(new)
         self.engine = engine
         self.dispatcher.engine = engine
@@ -258,15 +267,22 @@ class Daemon:
                 _LOG.warning("mqtt: no output named %r", name)
             except Exception as exc:
                 _LOG.warning("mqtt: output %s %s refused: %s", name, state, exc)
+                link = self.mqtt
+                if link is not None and name in self.gpio.outputs:
+                    # so Home Assistant's switch snaps back to the real state
+                    on = self.gpio.output_state(name)["state"] == "on"
+                    link.output_state(name, on)
         self.scheduler.call_later(0, run)
 
     def _on_delivery(self, target: str, outcome: str, status: int | None,
                      latency: float) -> None:
         self.counters[f"delivery:{target}:{outcome}"] += 1
+        self.delivery_latency.observe(target, latency)
 
     # ------------------------------------------------------------------ API backend
     def _api(self, cfg: Config) -> Api:
-        return Api(self, api_token=cfg.http.api_token, max_body=cfg.http.max_body)
+        return Api(self, api_token=cfg.http.api_token, max_body=cfg.http.max_body,
+                   hooks=cfg.hooks, max_connections=cfg.http.max_connections)
 
     def state(self) -> dict[str, Any]:
         return {"device": {"id": self.cfg.device.id, "name": self.cfg.device.name},
@@ -278,18 +294,37 @@ class Daemon:
                            "queued": len(self.bus)}}
 
     def health(self) -> tuple[bool, dict[str, Any]]:
+        """(ok, detail) for /healthz: down names what failed; MQTT only degrades."""
         problems: list[str] = []
         degraded: list[str] = []
+        checks: dict[str, str] = {}
         if not self.dispatcher.healthy():
-            problems.append(f"dispatcher stalled for {self.dispatcher.stalled_for():.0f} s")
+            why = f"stalled for {self.dispatcher.stalled_for():.0f} s" \
+                if self.dispatcher.stalled_for() else "thread not running"
+            problems.append(f"dispatcher {why}")
+            checks["dispatcher"] = why
+        else:
+            checks["dispatcher"] = "ok"
         ok, why = self.outbox.health()
+        checks["outbox"] = why if not ok else "ok"
         if not ok:
             problems.append(f"outbox: {why}")
+        age = self.sender.heartbeat_age()
+        checks["sender"] = "ok" if age < 120 else f"no heartbeat for {age:.0f} s"
+        if age >= 120:
+            problems.append(f"sender: no heartbeat for {age:.0f} s")
         if self.mqtt is not None:
             st = self.mqtt.status()
-            if not st.get("connected"):
-                degraded.append("mqtt disconnected")
-        detail: dict[str, Any] = {"outbox": self.outbox.counts()}
+            if st.get("connected"):
+                checks["mqtt"] = "connected"
+            else:
+                down_for = self._seconds_since(st.get("since"), self.started_at)
+                checks["mqtt"] = f"disconnected for {down_for:.0f} s"
+                if down_for >= MQTT_DEGRADED_AFTER:
+                    degraded.append(f"mqtt disconnected for {down_for:.0f} s")
+        detail: dict[str, Any] = {
+            "status": "unhealthy" if problems else "degraded" if degraded else "ok",
+            "checks": checks, "outbox": self.outbox.counts()}
         if problems:
             detail["problems"] = problems
         if degraded:
@@ -325,6 +360,31 @@ class Daemon:
         self.bus.put(event, reply)
         reply.done.wait(wait)
         return reply
+
+    @staticmethod
+    def _seconds_since(stamp: str | None, fallback: float) -> float:
+        """Seconds since an RFC 3339 time (or since `fallback`, a Unix time)."""
+        from datetime import datetime
+
+        try:
+            then = datetime.fromisoformat(stamp).timestamp() if stamp else fallback
+        except ValueError:
+            then = fallback
+        return max(0.0, time.time() - then)
+
+    def recent_events(self) -> list[dict[str, Any]]:
+        """The dispatcher's last events, newest first, with what each rule did."""
+        return list(self.dispatcher.recent)
+
+    def metrics(self) -> dict[str, Any]:
+        """A snapshot of the counters for /metrics (metrics.daemon_families renders it)."""
+        return {"version": __version__, "started_at": self.started_at,
+                "counters": dict(self.counters), "outbox": self.outbox.counts(),
+                "mqtt": self.mqtt.status() if self.mqtt is not None else None,
+                "dropped": self.bus.dropped, "queued": len(self.bus),
+                "store_failures": self.dispatcher.store_failures,
+                "latency": self.delivery_latency,
+                "inputs": self.gpio.input_states(), "outputs": self.gpio.output_states()}
 
     # ------------------------------------------------------------------ systemd STATUS
     def _update_status(self, force: bool = False) -> None:

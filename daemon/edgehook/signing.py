@@ -65,7 +65,7 @@ def verify_standard(secrets: Sequence[str], msg_id: str | None, timestamp_str: s
     if not secrets or not msg_id or not timestamp_str or not signature_header:
         return False
     ts_text = timestamp_str.strip()
-    if not ts_text.isdigit():
+    if not (ts_text.isascii() and ts_text.isdigit()):
         return False
     ts = int(ts_text)
     if abs(now - ts) > tolerance:

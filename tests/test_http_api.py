@@ -1,0 +1,797 @@
+"""The HTTP edge through real sockets against a real running Daemon (mock pins).
+
+Every status code of SPEC.md's hooks and API, Standard Webhooks replay and staleness,
+IPv6 and IPv4-mapped addresses, the limits (deadline, header caps, connection cap),
+hypothesis fuzzing, and /metrics + /healthz.
+"""
+
+from __future__ import annotations
+
+import email.message
+import logging
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from edgehook.app import Daemon
+from edgehook.config import HookAuth, HookConfig, load_config
+from edgehook.dispatcher import Reply
+from edgehook.errors import CommandError
+from edgehook.http_api import Api, HttpServer, Request
+from edgehook.metrics import Histogram, escape_label, format_value, render
+from edgehook.signing import sign_github, standard_headers
+
+API_TOKEN = "api-secret-token"
+HOOK_TOKEN = "s3cret-token"
+STD_SECRET = "whsec_c2VjcmV0LWtleS1mb3ItdGVzdHM="
+CONFIG = """\
+device: {{id: test, name: Test box}}
+state_dir: {state}
+gpio:
+  backend: {backend}
+  inputs:
+    doorbell: {{pin: GPIO17, pull: up, class: doorbell}}
+  outputs:
+    porch_light: {{pin: GPIO27, class: light}}
+    fan: {{pin: GPIO22, class: switch}}
+http:
+  listen: 127.0.0.1:{port}
+  api_token: {token}
+  max_body: 1KiB
+  timeout: 2s
+  max_connections: 48
+hooks:
+  open: {{auth: none, rate_limit: {{requests: 100000, per: 1s}}}}
+  tok: {{auth: {{token: {hook_token}}}, rate_limit: {{requests: 100000, per: 1s}}}}
+  std: {{auth: {{hmac: {{scheme: standard, secret: {std}}}}}}}
+  gh: {{auth: {{hmac: {{scheme: github, secret: gh-secret}}}}}}
+  lan: {{auth: none, allow_from: [10.0.0.0/8, "fd00::/8"]}}
+  limited: {{auth: none, rate_limit: {{requests: 2, per: 60s}}}}
+  light: {{auth: {{token: {hook_token}}}, respond: sync,
+          rate_limit: {{requests: 100000, per: 1s}}}}
+webhooks:
+  dead_end:
+    url: http://127.0.0.1:9/nowhere
+    timeout: 1s
+    retry: {{max_attempts: 1}}
+rules:
+  - name: ring
+    when: {{input: doorbell, event: pressed}}
+    do:
+      - webhook: dead_end
+  - name: light-hook
+    when: {{hook: light}}
+    do:
+      - output: porch_light
+        set: "{{{{ event.body.state }}}}"
+"""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def write_config(directory: Path, port: int, backend: str = "mock", token: str = API_TOKEN
+                 ) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "edgehook.yaml"
+    path.write_text(CONFIG.format(state=directory / "state", port=port, backend=backend,
+                                  token=token, hook_token=HOOK_TOKEN, std=STD_SECRET))
+    return path
+
+
+def start_daemon(directory: Path, backend: str = "mock") -> Daemon:
+    """A real Daemon from a YAML file, started without signal handlers."""
+    cfg = load_config(write_config(directory, free_port(), backend))
+    pin_factory = None
+    if backend != "mock":
+        from gpiozero.pins.mock import MockFactory
+
+        pin_factory = MockFactory()
+    d = Daemon(cfg, pin_factory=pin_factory)
+    d.start()
+    return d
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    d = start_daemon(tmp_path_factory.mktemp("api"))
+    yield d
+    d.stop()
+
+
+def base(d: Daemon) -> str:
+    host, port = d.http.address
+    return f"http://{host}:{port}"
+
+
+AUTH = {"Authorization": f"Bearer {API_TOKEN}"}
+
+
+def raw(d: Daemon | tuple[str, int], data: bytes, timeout: float = 3.0) -> bytes:
+    """Send raw bytes on a fresh connection and read until the server closes."""
+    addr = d.http.address if isinstance(d, Daemon) else d
+    with socket.create_connection(addr, timeout=timeout) as s:
+        s.sendall(data)
+        chunks = []
+        try:
+            while True:
+                c = s.recv(65536)
+                if not c:
+                    break
+                chunks.append(c)
+        except TimeoutError:
+            pass
+    return b"".join(chunks)
+
+
+def status_of(resp: bytes) -> int:
+    return int(resp.split(b" ", 2)[1])
+
+
+# ---------------------------------------------------------------------- hooks: every code
+J = {"Content-Type": "application/json"}
+HOOK_CASES = [
+    # (id, method, path, headers, body, status)
+    ("async-202", "POST", "/hooks/open", J, b'{"state":"on"}', 202),
+    ("put-202", "PUT", "/hooks/open", J, b'{"a":1}', 202),
+    ("empty-202", "POST", "/hooks/open", {}, b"", 202),
+    ("form-202", "POST", "/hooks/open", {"Content-Type": "application/x-www-form-urlencoded"},
+     b"state=on", 202),
+    ("text-202", "POST", "/hooks/open", {"Content-Type": "text/plain"}, b"ding", 202),
+    ("get-405", "GET", "/hooks/open", {}, b"", 405),
+    ("delete-405", "DELETE", "/hooks/open", {}, b"", 405),
+    ("unknown-404", "POST", "/hooks/nope", J, b"{}", 404),
+    ("no-token-401", "POST", "/hooks/tok", J, b"{}", 401),
+    ("wrong-token-401", "POST", "/hooks/tok", {**J, "Authorization": "Bearer nope"}, b"{}",
+     401),
+    ("bearer-202", "POST", "/hooks/tok", {**J, "Authorization": f"Bearer {HOOK_TOKEN}"}, b"{}",
+     202),
+    ("x-token-202", "POST", "/hooks/tok", {**J, "X-Edgehook-Token": HOOK_TOKEN}, b"{}", 202),
+    ("api-token-is-not-hook-token-401", "POST", "/hooks/tok", {**J, **AUTH}, b"{}", 401),
+    ("unsigned-401", "POST", "/hooks/std", J, b"{}", 401),
+    ("github-unsigned-401", "POST", "/hooks/gh", J, b"{}", 401),
+    ("address-403", "POST", "/hooks/lan", J, b"{}", 403),
+    ("size-413", "POST", "/hooks/open", J, b'{"a":"' + b"x" * 2000 + b'"}', 413),
+    ("type-415", "POST", "/hooks/open", {"Content-Type": "application/octet-stream"}, b"\x00",
+     415),
+    ("no-type-415", "POST", "/hooks/open", {}, b"state=on", 415),
+    ("malformed-400", "POST", "/hooks/open", J, b'{"state":', 400),
+    ("nan-400", "POST", "/hooks/open", J, b"NaN", 400),
+    ("auth-before-type", "POST", "/hooks/tok", {"Content-Type": "image/png"}, b"\x00", 401),
+    ("auth-before-json", "POST", "/hooks/tok", J, b"{", 401),
+]
+
+
+@pytest.mark.parametrize("method, path, headers, body, status",
+                         [c[1:] for c in HOOK_CASES], ids=[c[0] for c in HOOK_CASES])
+def test_hook_status_codes(daemon: Daemon, method: str, path: str, headers: dict[str, str],
+                           body: bytes, status: int) -> None:
+    r = requests.request(method, base(daemon) + path, headers=headers, data=body, timeout=5)
+    assert r.status_code == status, r.text
+    doc = r.json()
+    if status >= 400:
+        assert set(doc) >= {"error", "detail"}
+        assert HOOK_TOKEN not in r.text and API_TOKEN not in r.text
+    else:
+        assert len(doc["event_id"]) == 26
+    if status == 405:
+        assert r.headers["Allow"] == "POST, PUT"
+
+
+def test_rate_limit_429_with_retry_after(daemon: Daemon) -> None:
+    codes = [requests.post(base(daemon) + "/hooks/limited", timeout=5) for _ in range(3)]
+    assert [r.status_code for r in codes] == [202, 202, 429]
+    assert codes[2].headers["Retry-After"] == "30"
+    assert codes[2].json()["error"] == "rate_limited"
+
+
+def _std_post(d: Daemon, body: bytes, ts: float, msg_id: str,
+              secret: str = STD_SECRET) -> requests.Response:
+    headers = {**J, **standard_headers([secret], msg_id, int(ts), body)}
+    return requests.post(base(d) + "/hooks/std", data=body, headers=headers, timeout=5)
+
+
+def test_standard_webhooks_replay_and_staleness(daemon: Daemon) -> None:
+    body = b'{"n":1}'
+    now = time.time()
+    ok = _std_post(daemon, body, now, "msg_replay")
+    assert ok.status_code == 202, ok.text
+    replay = _std_post(daemon, body, now, "msg_replay")
+    stale = _std_post(daemon, body, now - 6 * 60, "msg_stale")
+    future = _std_post(daemon, body, now + 6 * 60, "msg_future")
+    wrong = _std_post(daemon, body, now, "msg_wrong", secret="whsec_" + "AAAA")
+    details = set()
+    for r in (replay, stale, future, wrong):
+        assert r.status_code == 401, r.text
+        details.add(r.json()["detail"])
+    assert details == {"missing or invalid credentials"}  # never which part was wrong
+    # a stale request never consumed its id: once fresh, the same id goes through
+    assert _std_post(daemon, body, time.time(), "msg_stale").status_code == 202
+
+
+def test_standard_webhook_refused_by_rate_limit_keeps_its_id(tmp_path: Path) -> None:
+    """A 429 must not burn the webhook-id: the sender's retry (same id) gets through."""
+    clock = [0.0]
+    api = Api(_Stub(), hooks={"h": HookConfig(
+        "h", HookAuth("hmac", signing=_signing()), rate_requests=1, rate_per=60.0)})
+    api.guards.clock = lambda: clock[0]
+    first = _stub_req("POST", "/hooks/h", {**J, **standard_headers(
+        [STD_SECRET], "m1", int(time.time()), b"{}")}, b"{}")
+    assert api.handle(first).status == 202
+    second = lambda: _stub_req("POST", "/hooks/h", {**J, **standard_headers(  # noqa: E731
+        [STD_SECRET], "m2", int(time.time()), b"{}")}, b"{}")
+    assert api.handle(second()).status == 429
+    clock[0] += 61
+    assert api.handle(second()).status == 202
+    assert api.handle(second()).status == 401  # and now it is a replay
+
+
+def test_github_signature(daemon: Daemon) -> None:
+    body = b'{"zen":"hi"}'
+    ok = requests.post(base(daemon) + "/hooks/gh", data=body, timeout=5, headers={
+        **J, "X-Hub-Signature-256": sign_github("gh-secret", body)})
+    assert ok.status_code == 202
+    bad = requests.post(base(daemon) + "/hooks/gh", data=body, timeout=5, headers={
+        **J, "X-Hub-Signature-256": sign_github("other", body)})
+    assert bad.status_code == 401 and "sha256" not in bad.text
+
+
+def test_sync_hook_answers_with_the_new_output_state(daemon: Daemon) -> None:
+    h = {**J, "Authorization": f"Bearer {HOOK_TOKEN}"}
+    r = requests.post(base(daemon) + "/hooks/light", json={"state": "on"}, headers=h,
+                      timeout=10)
+    assert r.status_code == 200, r.text
+    doc = r.json()
+    assert doc["rules"] == ["light-hook"]
+    assert doc["results"][0]["output"] == "porch_light"
+    assert doc["results"][0]["state"] == "on"
+    assert daemon.gpio.output_states()["porch_light"]["state"] == "on"
+    r = requests.post(base(daemon) + "/hooks/light", json={"state": "off"}, headers=h,
+                      timeout=10)
+    assert r.json()["results"][0]["state"] == "off"
+    # an action that cannot run: 409 with the reason
+    r = requests.post(base(daemon) + "/hooks/light", json={"state": "purple"}, headers=h,
+                      timeout=10)
+    assert r.status_code == 409
+    assert r.json()["error"] == "action_failed" and "purple" in r.json()["detail"]
+
+
+def test_hook_event_reaches_the_event_list(daemon: Daemon) -> None:
+    r = requests.post(base(daemon) + "/hooks/open?src=test", json={"marker": 1}, timeout=5)
+    event_id = r.json()["event_id"]
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        items = requests.get(base(daemon) + "/api/v1/events", headers=AUTH, timeout=5
+                             ).json()["items"]
+        if any(e["id"] == event_id for e in items):
+            ev = next(e for e in items if e["id"] == event_id)
+            assert ev["type"] == "hook.received" and ev["source"] == "open"
+            assert "summary" in ev
+            return
+        time.sleep(0.05)
+    pytest.fail("hook event never reached the dispatcher")
+
+
+# ---------------------------------------------------------------------- hook event data
+class _Stub:
+    """An ApiBackend that records what the Api asks of it."""
+
+    def __init__(self, backend: str = "mock") -> None:
+        self.events: list[Any] = []
+        self.backend = backend
+
+    def state(self) -> dict[str, Any]:
+        return {"device": {"id": "stub", "name": "Stub <b>&"}, "backend": self.backend,
+                "version": "0", "inputs": {"in<1>": {"state": "on", "class": "button"}},
+                "outputs": {"out\"1": {"state": "off", "until": None, "class": "switch"}},
+                "mqtt": {"connected": False, "since": None, "queued": 0},
+                "outbox": {"pending": 1, "dead": 2, "delivered": 3}}
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        return True, {"status": "ok"}
+
+    def set_output(self, name: str, state: str, duration: float | None) -> dict[str, Any]:
+        if name != "out\"1":
+            raise KeyError(name)
+        if state == "toggle":
+            raise CommandError("min_interval")
+        return {"name": name, "state": state, "until": None}
+
+    def simulate(self, name: str, action: str) -> None:
+        if self.backend != "mock":
+            raise CommandError("not mock")
+        raise KeyError(name)
+
+    def outbox_list(self, status: str | None) -> list[dict[str, Any]]:
+        return [{"id": 7, "target": "t<x>", "attempts": 3, "last_error": "HTTP 500 <script>"}]
+
+    def outbox_retry(self, item_id: int) -> bool:
+        return item_id == 7
+
+    def submit(self, event: Any, wait: float | None = None) -> Reply | None:
+        self.events.append(event)
+        if wait is None:
+            return None
+        reply = Reply(results=[{"output": "o", "state": "on"}], fired=["r"])
+        reply.done.set()
+        return reply
+
+    def recent_events(self) -> list[dict[str, Any]]:
+        return [{"id": "E1", "type": "hook.received", "source": "x<y>", "time":
+                 "2026-01-01T00:00:00.000Z", "rules": ["r"], "results": [], "errors": ["e&"]}]
+
+    def metrics(self) -> dict[str, Any]:
+        return {"counters": {"events:hook.received": 2, "rule:r": 1, "delivery:t:dead": 1}}
+
+
+def _signing() -> Any:
+    from edgehook.config import Signing
+
+    return Signing("standard", (STD_SECRET,))
+
+
+def _headers(pairs: dict[str, str] | list[tuple[str, str]]) -> email.message.Message:
+    msg = email.message.Message()
+    for k, v in (pairs.items() if isinstance(pairs, dict) else pairs):
+        msg[k] = v
+    return msg
+
+
+def _stub_req(method: str, path: str, headers: dict[str, str] | list[tuple[str, str]],
+              body: bytes = b"", client: str = "127.0.0.1", query: str = "") -> Request:
+    from urllib.parse import parse_qs
+
+    return Request(method=method, path=path, query=parse_qs(query), headers=_headers(headers),
+                   client=client, body=body, raw_query=query)
+
+
+def test_hook_event_data_shape() -> None:
+    stub = _Stub()
+    api = Api(stub, hooks={"h": HookConfig("h", HookAuth("token", token="tt"))})
+    req = _stub_req("POST", "/hooks/h", [
+        ("Content-Type", "application/json"), ("Authorization", "Bearer tt"),
+        ("Cookie", "session=1"), ("User-Agent", "HomeAssistant"), ("X-Request-Id", "42")],
+        b'{"state": "on"}', client="::ffff:192.168.1.9", query="a=1&b=2&b=3")
+    resp = api.handle(req)
+    assert resp.status == 202
+    ev = stub.events[0]
+    assert ev.type == "hook.received" and ev.source == "h" and resp.body["event_id"] == ev.id
+    assert ev.data == {"body": {"state": "on"}, "query": {"a": "1", "b": ["2", "3"]},
+                       "headers": {"content-type": "application/json",
+                                   "user-agent": "HomeAssistant", "x-request-id": "42"},
+                       "content_type": "application/json", "remote": "192.168.1.9"}
+
+
+def test_api_guards_without_token() -> None:
+    """No api_token: loopback Host only (DNS rebinding), same-origin for changes (CSRF)."""
+    api = Api(_Stub())
+    assert api.handle(_stub_req("GET", "/api/v1/state", {"Host": "127.0.0.1:8080"})
+                      ).status == 200
+    assert api.handle(_stub_req("GET", "/api/v1/state", {"Host": "localhost"})).status == 200
+    assert api.handle(_stub_req("GET", "/api/v1/state", {"Host": "[::1]:80"})).status == 200
+    assert api.handle(_stub_req("GET", "/api/v1/state", {"Host": "evil.example:8080"})
+                      ).status == 403
+    assert api.handle(_stub_req("GET", "/", {"Host": "evil.example"})).status == 403
+    cross = _stub_req("PUT", "/api/v1/outputs/out%221", {
+        "Host": "127.0.0.1:8080", "Origin": "http://evil.example"}, b'{"state":"on"}')
+    assert api.handle(cross).status == 403
+    same = _stub_req("PUT", '/api/v1/outputs/out"1', {
+        "Host": "127.0.0.1:8080", "Origin": "http://127.0.0.1:8080"}, b'{"state":"on"}')
+    assert api.handle(same).status == 200
+
+
+def test_status_page_escapes_everything() -> None:
+    resp = Api(_Stub()).handle(_stub_req("GET", "/", {}))
+    page = resp.body
+    assert resp.status == 200 and "<script>" not in page.replace("<script nonce", "")
+    for raw_text in ("Stub <b>&", "in<1>", "HTTP 500 <script>", "x<y>", "t<x>"):
+        assert raw_text not in page
+    assert "Stub &lt;b&gt;&amp;" in page and "script-src 'nonce-" in \
+        resp.headers["Content-Security-Policy"]
+
+
+# ---------------------------------------------------------------------- API
+def test_api_needs_the_token(daemon: Daemon) -> None:
+    for method, path in [("GET", "/api/v1/state"), ("GET", "/api/v1/outbox"),
+                         ("PUT", "/api/v1/outputs/fan"), ("GET", "/api/v1/events"),
+                         ("POST", "/api/v1/inputs/doorbell/simulate"), ("GET", "/metrics"),
+                         ("POST", "/api/v1/outbox/1/retry")]:
+        r = requests.request(method, base(daemon) + path, timeout=5,
+                             headers={"Authorization": "Bearer wrong"})
+        assert r.status_code == 401, (method, path)
+        assert r.json()["error"] == "unauthorized"
+        assert r.headers["WWW-Authenticate"].startswith("Bearer")
+
+
+API_CASES = [
+    ("state", "GET", "/api/v1/state", None, 200),
+    ("put-on", "PUT", "/api/v1/outputs/fan", {"state": "on"}, 200),
+    ("put-toggle", "PUT", "/api/v1/outputs/fan", {"state": "toggle"}, 200),
+    ("put-bad-state", "PUT", "/api/v1/outputs/fan", {"state": "purple"}, 400),
+    ("put-bad-for", "PUT", "/api/v1/outputs/fan", {"state": "on", "for": "soon"}, 400),
+    ("put-inf-for", "PUT", "/api/v1/outputs/fan", {"state": "on", "for": "inf"}, 400),
+    ("put-list", "PUT", "/api/v1/outputs/fan", [1], 400),
+    ("put-unknown", "PUT", "/api/v1/outputs/nope", {"state": "on"}, 404),
+    ("put-get-405", "GET", "/api/v1/outputs/fan", None, 405),
+    ("sim", "POST", "/api/v1/inputs/doorbell/simulate", {"action": "click"}, 200),
+    ("sim-bad", "POST", "/api/v1/inputs/doorbell/simulate", {"action": "lick"}, 400),
+    ("sim-unknown", "POST", "/api/v1/inputs/nope/simulate", {"action": "press"}, 404),
+    ("outbox", "GET", "/api/v1/outbox", None, 200),
+    ("outbox-dead", "GET", "/api/v1/outbox?status=dead", None, 200),
+    ("outbox-bad", "GET", "/api/v1/outbox?status=lost", None, 400),
+    ("retry-404", "POST", "/api/v1/outbox/999/retry", None, 404),
+    ("retry-huge-404", "POST", "/api/v1/outbox/" + "9" * 40 + "/retry", None, 404),
+    ("unknown-404", "GET", "/api/v2/nothing", None, 404),
+    ("events", "GET", "/api/v1/events?limit=5", None, 200),
+    ("healthz", "GET", "/healthz", None, 200),
+]
+
+
+@pytest.mark.parametrize("method, path, body, status", [c[1:] for c in API_CASES],
+                         ids=[c[0] for c in API_CASES])
+def test_api_status_codes(daemon: Daemon, method: str, path: str, body: Any,
+                          status: int) -> None:
+    r = requests.request(method, base(daemon) + path, json=body, headers=AUTH, timeout=5)
+    assert r.status_code == status, r.text
+    if status >= 400:
+        assert set(r.json()) >= {"error", "detail"}
+
+
+def test_put_output_for_reports_until(daemon: Daemon) -> None:
+    r = requests.put(base(daemon) + "/api/v1/outputs/fan", json={"state": "on", "for": "30s"},
+                     headers=AUTH, timeout=5)
+    doc = r.json()
+    assert doc["name"] == "fan" and doc["state"] == "on" and doc["until"].endswith("Z")
+    state = requests.get(base(daemon) + "/api/v1/state", headers=AUTH, timeout=5).json()
+    assert state["outputs"]["fan"]["until"] == doc["until"]
+    assert state["backend"] == "mock" and state["device"]["id"] == "test"
+    requests.put(base(daemon) + "/api/v1/outputs/fan", json={"state": "off"}, headers=AUTH,
+                 timeout=5)
+
+
+def test_simulate_409_unless_mock(tmp_path: Path) -> None:
+    d = start_daemon(tmp_path, backend="auto")
+    try:
+        r = requests.post(base(d) + "/api/v1/inputs/doorbell/simulate",
+                          json={"action": "press"}, headers=AUTH, timeout=5)
+        assert r.status_code == 409 and "mock" in r.json()["detail"]
+    finally:
+        d.stop()
+
+
+def test_healthz_names_the_failing_part(daemon: Daemon, monkeypatch: pytest.MonkeyPatch
+                                        ) -> None:
+    ok = requests.get(base(daemon) + "/healthz", timeout=5)
+    assert ok.status_code == 200 and ok.json()["status"] == "ok"
+    assert ok.json()["checks"]["dispatcher"] == "ok"
+    monkeypatch.setattr(daemon.outbox, "health", lambda: (False, "disk nearly full (1 KiB)"))
+    bad = requests.get(base(daemon) + "/healthz", timeout=5)
+    assert bad.status_code == 503
+    assert bad.json()["status"] == "unhealthy"
+    assert bad.json()["problems"] == ["outbox: disk nearly full (1 KiB)"]
+
+
+def test_metrics(daemon: Daemon) -> None:
+    requests.post(base(daemon) + "/hooks/open", json={}, timeout=5)
+    r = requests.get(base(daemon) + "/metrics", headers=AUTH, timeout=5)
+    assert r.status_code == 200
+    assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    text = r.text
+    for needle in ('edgehook_events_total{type="hook.received"}',
+                   'edgehook_outbox_deliveries{status="pending"} 0',
+                   'edgehook_http_requests_total{handler="hook",code="202"}',
+                   'edgehook_hook_requests_total{hook="open",code="202"}',
+                   "edgehook_events_dropped_total 0", "# TYPE edgehook_deliveries_total counter",
+                   'edgehook_output_on{output="porch_light"}'):
+        assert needle in text, needle
+    _check_exposition(text)
+
+
+def _check_exposition(text: str) -> None:
+    """Every line is a comment or `name{labels} value`, and TYPE comes once per family."""
+    import re
+
+    types = set()
+    sample = re.compile(r'^[a-zA-Z_:][a-zA-Z0-9_:]*(\{([a-zA-Z_][a-zA-Z0-9_]*="([^"\\]|\\.)*"'
+                        r',?)*\})? (-?[0-9.e+]+|\+Inf|-Inf|NaN)$')
+    for line in text.rstrip("\n").split("\n"):
+        if line.startswith("# TYPE "):
+            name = line.split()[2]
+            assert name not in types
+            types.add(name)
+        elif not line.startswith("# HELP "):
+            assert sample.match(line), line
+
+
+def test_metrics_format_pieces() -> None:
+    assert escape_label('a"b\\c\nd') == 'a\\"b\\\\c\\nd'
+    assert [format_value(v) for v in (1, 2.5, float("inf"), float("nan"), True, 3.0)] == \
+        ["1", "2.5", "+Inf", "NaN", "1", "3"]
+    h = Histogram((0.1, 1.0))
+    for v in (0.05, 0.1, 0.5, 5.0):
+        h.observe("discord", v)
+    text = render([h.family("lat_seconds", "latency", "target")])
+    assert 'lat_seconds_bucket{target="discord",le="0.1"} 2' in text
+    assert 'lat_seconds_bucket{target="discord",le="1"} 3' in text
+    assert 'lat_seconds_bucket{target="discord",le="+Inf"} 4' in text
+    assert 'lat_seconds_count{target="discord"} 4' in text
+    assert 'lat_seconds_sum{target="discord"} 5.65' in text
+    _check_exposition(text)
+
+
+# ---------------------------------------------------------------------- protocol limits
+@pytest.mark.parametrize("data, status", [
+    (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n", 414),
+    (b"GET / HTTP/1.1\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(80)) + b"\r\n", 431),
+    (b"GET / HTTP/1.1\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n", 431),
+    (b"POST /hooks/open HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 411),
+    (b"POST /hooks/open HTTP/1.1\r\nContent-Length: -1\r\n\r\n", 400),
+    (b"POST /hooks/open HTTP/1.1\r\nContent-Length: 99999999999999999\r\n\r\n", 400),
+    (b"POST /hooks/open HTTP/1.1\r\nContent-Length: 5000\r\nExpect: 100-continue\r\n\r\n", 413),
+    (b"GARBAGE\r\n\r\n", 400),
+    (b"GET / HTTP/9.9\r\n\r\n", 505),
+    (b"BREW /hooks/open HTTP/1.1\r\nConnection: close\r\n\r\n", 405),
+    (b"GET http://127.0.0.1/healthz HTTP/1.1\r\nConnection: close\r\n\r\n", 200),
+])
+def test_raw_protocol_errors(daemon: Daemon, data: bytes, status: int) -> None:
+    resp = raw(daemon, data)
+    assert status_of(resp) == status, resp[:300]
+    if status != 200:
+        assert b'"error"' in resp
+
+
+def test_keep_alive_after_unread_body_closes(daemon: Daemon) -> None:
+    """A refused body that was never read cannot be taken for the next request."""
+    body = b'{"a":1}'
+    req = (b"POST /hooks/lan HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: "
+           + str(len(body)).encode() + b"\r\n\r\n" + body)
+    resp = raw(daemon, req + b"GET /healthz HTTP/1.1\r\n\r\n")
+    assert status_of(resp) == 403 and b"Connection: close" in resp
+    assert resp.count(b"HTTP/1.1 ") == 1
+
+
+def test_slow_client_does_not_block_others(daemon: Daemon) -> None:
+    """One header byte per second on one connection while 20 requests finish, each < 1 s;
+    the trickler is cut off at http.timeout (2 s here) however steadily it sends."""
+    s = socket.create_connection(daemon.http.address, timeout=10)
+    stop = threading.Event()
+    cut_at: list[float] = []
+    t0 = time.monotonic()
+
+    def trickle() -> None:
+        try:
+            for b in b"GET /api/v1/state HTTP/1.1\r\nHost: x\r\nX-Slow: yes\r\n\r\n":
+                if stop.is_set():
+                    return
+                s.send(bytes([b]))
+                time.sleep(1.0)
+        except OSError:
+            cut_at.append(time.monotonic() - t0)
+
+    t = threading.Thread(target=trickle, daemon=True)
+    t.start()
+    session = requests.Session()
+    times = []
+    for _ in range(20):
+        start = time.monotonic()
+        r = session.get(base(daemon) + "/healthz", timeout=1.0)
+        times.append(time.monotonic() - start)
+        assert r.status_code == 200
+        time.sleep(0.05)
+    assert max(times) < 1.0, times
+    s.settimeout(4)
+    answer = s.recv(4096)  # the server gives up on the trickler: 408, then close
+    assert answer == b"" or status_of(answer) == 408
+    assert time.monotonic() - t0 < 4.0
+    stop.set()
+    s.close()
+
+
+def test_connection_cap_answers_503_quickly() -> None:
+    api = Api(_Stub(), max_connections=2)
+    srv = HttpServer("127.0.0.1", 0, api, timeout=3.0)
+    srv.start()
+    try:
+        idle = [socket.create_connection(srv.address, timeout=5) for _ in range(2)]
+        time.sleep(0.2)
+        start = time.monotonic()
+        resp = raw(srv.address, b"GET /healthz HTTP/1.1\r\n\r\n")
+        assert status_of(resp) == 503 and b"Retry-After: 1" in resp
+        assert time.monotonic() - start < 0.5
+        for s in idle:
+            s.close()
+        time.sleep(0.2)
+        assert status_of(raw(srv.address, b"GET /healthz HTTP/1.1\r\nConnection: close"
+                                          b"\r\n\r\n")) == 200
+        assert api.stats.rejected_connections == 1
+    finally:
+        srv.stop()
+
+
+# ---------------------------------------------------------------------- IPv6
+def _has_ipv6_loopback() -> bool:
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback (::1) on this machine")
+def test_ipv6_loopback_honoured_by_allow_from() -> None:
+    hooks = {"six": HookConfig("six", HookAuth("none"),
+                               allow_from=(__import__("ipaddress").ip_network("::1/128"),)),
+             "lan": HookConfig("lan", HookAuth("none"),
+                               allow_from=(__import__("ipaddress").ip_network("10.0.0.0/8"),))}
+    srv = HttpServer("::1", 0, Api(_Stub(), hooks=hooks))
+    srv.start()
+    try:
+        url = f"http://[::1]:{srv.address[1]}"
+        assert requests.post(url + "/hooks/six", timeout=5).status_code == 202
+        assert requests.post(url + "/hooks/lan", timeout=5).status_code == 403
+    finally:
+        srv.stop()
+
+
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 on this machine")
+def test_ipv4_mapped_caller_on_dual_stack_listener() -> None:
+    import ipaddress
+
+    hooks = {"v4": HookConfig("v4", HookAuth("none"),
+                              allow_from=(ipaddress.ip_network("127.0.0.0/8"),))}
+    stub = _Stub()
+    srv = HttpServer("::", 0, Api(stub, hooks=hooks))
+    srv.start()
+    try:
+        r = requests.post(f"http://127.0.0.1:{srv.address[1]}/hooks/v4", timeout=5)
+        assert r.status_code == 202
+        assert stub.events[0].data["remote"] == "127.0.0.1"  # not ::ffff:127.0.0.1
+    finally:
+        srv.stop()
+
+
+def test_reload_keeps_replay_cache_and_stats() -> None:
+    hooks = {"h": HookConfig("h", HookAuth("hmac", signing=_signing()))}
+    srv = HttpServer("127.0.0.1", 0, Api(_Stub(), hooks=hooks))
+    srv.start()
+    try:
+        url = f"http://127.0.0.1:{srv.address[1]}/hooks/h"
+        headers = {**J, **standard_headers([STD_SECRET], "m-reload", int(time.time()), b"{}")}
+        assert requests.post(url, data=b"{}", headers=headers, timeout=5).status_code == 202
+        srv.set_api(Api(_Stub(), hooks=hooks))
+        assert requests.post(url, data=b"{}", headers=headers, timeout=5).status_code == 401
+        assert srv.api.stats.hooks[("h", "202")] == 1
+    finally:
+        srv.stop()
+
+
+# ---------------------------------------------------------------------- fuzzing
+PATHS = st.one_of(
+    st.sampled_from(["/", "/hooks/open", "/hooks/tok", "/hooks/std", "/hooks/gh",
+                     "/hooks/lan", "/hooks/light", "/hooks/limited", "/hooks/", "/hooks/x/y",
+                     "/api/v1/state", "/api/v1/outputs/fan", "/api/v1/outputs/",
+                     "/api/v1/inputs/doorbell/simulate", "/api/v1/outbox",
+                     "/api/v1/outbox/1/retry", "/api/v1/events", "/healthz", "/metrics",
+                     "/login", "/logout", "//hooks/open", "/hooks/%2e%2e"]),
+    st.text(st.characters(min_codepoint=33, max_codepoint=126), max_size=40).map(
+        lambda s: "/" + s))
+METHODS = st.sampled_from(["GET", "POST", "PUT", "DELETE", "HEAD", "PATCH", "OPTIONS",
+                           "TRACE", "BREW"])
+CTYPES = st.sampled_from([None, "application/json", "text/plain", "application/x-www-form-"
+                          "urlencoded", "multipart/form-data", "application/json; charset=x",
+                          "", ";;;", "text/plain; charset=utf-16"])
+HEADER_NAMES = st.sampled_from(["Authorization", "X-Edgehook-Token", "webhook-id",
+                                "webhook-timestamp", "webhook-signature", "X-Hub-Signature-256",
+                                "Cookie", "Origin", "Host", "Content-Type", "X-Other"])
+HEADER_VALUES = st.one_of(
+    st.sampled_from([f"Bearer {API_TOKEN}", f"Bearer {HOOK_TOKEN}", "v1,AAAA", "²", "0",
+                     "99999999999999999999", "edgehook_session=1.abc", "http://evil",
+                     "null", "sha256=00"]),
+    st.text(st.characters(min_codepoint=32, max_codepoint=255), max_size=30))
+BODIES = st.one_of(st.binary(max_size=200), st.sampled_from([
+    b'{"state":"on"}', b'{"state":"toggle","for":"1e308"}', b'{"action":"press"}',
+    b'{"state":"on","for":"nan"}', b"[" * 200, b'{"for":-1,"state":"on"}', b"token=x",
+    b'{"state":{"a":1}}', b'"on"']))
+
+
+def _assert_clean(caplog: pytest.LogCaptureFixture) -> None:
+    bad = [r for r in caplog.records if r.name.startswith("edgehook.http") and
+           (r.exc_info or r.levelno >= logging.ERROR)]
+    assert not bad, [r.getMessage() for r in bad]
+
+
+@settings(max_examples=400, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(method=METHODS, path=PATHS, ctype=CTYPES,
+       headers=st.lists(st.tuples(HEADER_NAMES, HEADER_VALUES), max_size=4), body=BODIES,
+       query=st.text(max_size=20))
+def test_fuzz_api_handle(daemon: Daemon, caplog: pytest.LogCaptureFixture, method: str,
+                         path: str, ctype: str | None, headers: list[tuple[str, str]],
+                         body: bytes, query: str) -> None:
+    """Api.handle with real Request objects over the running daemon's backend: no 5xx."""
+    caplog.set_level(logging.INFO)
+    pairs = list(headers) + ([("Content-Type", ctype)] if ctype is not None else [])
+    req = _stub_req(method, path, pairs, body, query="")
+    req.raw_query = query
+    resp = daemon.http.api.handle(req)
+    assert resp.status < 500 or resp.status == 503, (resp.status, resp.body)
+    if resp.status >= 400:
+        assert set(resp.body) >= {"error", "detail"}
+    _assert_clean(caplog)
+
+
+@settings(max_examples=120, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(method=METHODS, path=PATHS, ctype=CTYPES,
+       headers=st.lists(st.tuples(HEADER_NAMES, HEADER_VALUES), max_size=4), body=BODIES,
+       extra=st.one_of(st.none(), st.binary(max_size=60)))
+def test_fuzz_through_socket(daemon: Daemon, caplog: pytest.LogCaptureFixture, method: str,
+                             path: str, ctype: str | None, headers: list[tuple[str, str]],
+                             body: bytes, extra: bytes | None) -> None:
+    """Raw requests, sometimes with garbage appended: never 5xx, the server still answers."""
+    caplog.set_level(logging.INFO)
+    lines = [f"{method} {path} HTTP/1.1".encode(), b"Connection: close"]
+    for k, v in headers:
+        lines.append(k.encode() + b": " + v.encode("latin-1"))
+    if ctype is not None:
+        lines.append(b"Content-Type: " + ctype.encode())
+    lines.append(b"Content-Length: " + str(len(body)).encode())
+    data = b"\r\n".join(lines) + b"\r\n\r\n" + body + (extra or b"")
+    resp = raw(daemon, data)
+    if resp:  # a HEAD answer or a 4xx; never 5xx (503 only when the cap is hit)
+        code = status_of(resp)
+        assert code < 500, resp[:400]
+    _assert_clean(caplog)
+
+
+def test_server_still_answers_after_fuzz(daemon: Daemon) -> None:
+    assert requests.get(base(daemon) + "/healthz", timeout=5).status_code == 200
+    codes = {code for (_, code) in daemon.http.api.stats.requests}
+    assert not codes & {"500", "501", "502", "504"}, codes  # 505 only for HTTP/9.9 above
+
+
+def test_status_page_login_cookie(daemon: Daemon) -> None:
+    url = base(daemon)
+    s = requests.Session()
+    page = s.get(url + "/", timeout=5)
+    assert page.status_code == 200 and 'action="/login"' in page.text
+    assert "porch_light" not in page.text                  # nothing before signing in
+    bad = s.post(url + "/login", data={"token": "nope"}, timeout=5, allow_redirects=False)
+    assert bad.status_code == 303 and bad.headers["Location"] == "/?login=failed"
+    assert "Wrong token." in s.get(url + "/?login=failed", timeout=5).text
+    cross = s.post(url + "/login", data={"token": API_TOKEN}, allow_redirects=False,
+                   headers={"Origin": "http://evil.example"}, timeout=5)
+    assert cross.status_code == 403                         # login CSRF refused
+    ok = s.post(url + "/login", data={"token": API_TOKEN}, timeout=5, allow_redirects=False)
+    assert ok.status_code == 303
+    cookie = ok.headers["Set-Cookie"]
+    assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and API_TOKEN not in cookie
+    assert "porch_light" in s.get(url + "/", timeout=5).text
+    assert s.get(url + "/api/v1/state", timeout=5).status_code == 200
+    evil = s.put(url + "/api/v1/outputs/fan", json={"state": "on"}, timeout=5,
+                 headers={"Origin": "http://evil.example"})
+    assert evil.status_code == 403                          # cookie + foreign origin
+    value = s.cookies["edgehook_session"]
+    forged = requests.get(url + "/api/v1/state", timeout=5, cookies={
+        "edgehook_session": value[:-1] + ("0" if value[-1] != "0" else "1")})
+    assert forged.status_code == 401
+    expired = requests.get(url + "/api/v1/state", timeout=5,
+                           cookies={"edgehook_session": "1." + value.split(".")[1]})
+    assert expired.status_code == 401
+    out = s.post(url + "/logout", timeout=5, allow_redirects=False)
+    assert out.status_code == 303 and "Max-Age=0" in out.headers["Set-Cookie"]
