@@ -133,7 +133,7 @@ class Gpio:
 
         Outputs are released without gpiozero's reset to input, so the line keeps the
         level set here until the process exits; what the kernel does then is in
-        docs/inputs-outputs.md.
+        the README, "Inputs and outputs".
         """
         with self._lock:
             outs = list(self.outputs.values())

@@ -17,7 +17,8 @@ Gestures (after the filters): a press shorter than `long_press` is a click, repo
 once the `double_click` window after its release has passed with no second press. If a
 second press starts inside that window, the pair is one `double_click` (reported at
 the second release) and no `click` at all. A press that reaches `long_press` fires
-`long_press` while still held and is never a click. docs/inputs-outputs.md has the diagrams.
+`long_press` while still held and is never a click. The README ("Inputs and outputs")
+has the diagrams.
 """
 
 from __future__ import annotations
