@@ -124,10 +124,16 @@ def test_dead_rows_listed_and_retried(tmp_path: Path, write_config, daemon) -> N
         wait_until(lambda: outbox(d)["dead"] == 1, timeout=40, what="503 x3 -> dead")
         assert len(sink.requests) == 5
         assert d.api("POST", f"/api/v1/outbox/{item['id']}/retry").status_code == 404
+        # 410: final, and the target is flagged as gone in the API
+        sink.script(410)
+        press(d, 1)
+        wait_until(lambda: d.api("GET", "/api/v1/state").json()["webhooks"]["sink"]["gone"],
+                   what="410 marks the target gone")
+        wait_until(lambda: outbox(d)["dead"] == 2, what="410 -> dead")
         assert d.stop() == 0
         # purge works on the file with the daemon stopped
         out = cli(cfg, "purge", "--dead")
-        assert out.returncode == 0 and out.stdout.startswith("1 dead")
+        assert out.returncode == 0 and out.stdout.startswith("2 dead")
         assert json.loads(cli(cfg, "list", "--status", "dead", "--json").stdout) == []
     finally:
         sink.stop()

@@ -285,11 +285,14 @@ class Daemon:
                    hooks=cfg.hooks, max_connections=cfg.http.max_connections)
 
     def state(self) -> dict[str, Any]:
+        gone = self.sender.gone_targets()
         return {"device": {"id": self.cfg.device.id, "name": self.cfg.device.name},
                 "backend": self.gpio.backend, "version": __version__,
                 "inputs": self.gpio.input_states(), "outputs": self.gpio.output_states(),
                 "mqtt": self.mqtt.status() if self.mqtt is not None else None,
                 "outbox": self.outbox.counts(),
+                # a target that answered 410 Gone is flagged until it delivers again
+                "webhooks": {name: {"gone": name in gone} for name in self.cfg.webhooks},
                 "events": {"total": self.dispatcher.events_total, "dropped": self.bus.dropped,
                            "queued": len(self.bus)}}
 
