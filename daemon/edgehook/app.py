@@ -106,6 +106,9 @@ class Daemon:
                    if r.when.kind == "mqtt" and r.when.expect_every}
         self.silence = SilenceWatch(periods, self.scheduler, self.bus.put) if periods else None
         if self.silence:
+            from paho.mqtt.client import topic_matches_sub  # only configs with MQTT get here
+
+            self._topic_matches = topic_matches_sub
             self.silence.start()
 
     def run(self) -> int:
@@ -252,9 +255,7 @@ class Daemon:
                 link.output_state(event.source, event.data.get("state") == "on")
         if self.silence is not None and event.type == "mqtt.message":
             for flt in self.silence.periods:
-                from paho.mqtt.client import topic_matches_sub
-
-                if topic_matches_sub(flt, event.source):
+                if self._topic_matches(flt, event.source):
                     self.silence.seen(flt, event.source)
         self._update_status()
 

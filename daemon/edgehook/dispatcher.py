@@ -28,6 +28,11 @@ BATCH = 256
 # variable exists for the watchdog test; nothing in config or on the network sets it)
 STALL_AFTER = float(os.environ.get("EDGEHOOK_STALL_AFTER", "30"))
 RECENT = 50
+# Event lines logged per second; past that, events are counted and one line says how
+# many went unlogged (a 5,000-message burst would otherwise be 5,000 journal lines on
+# the SD card, cost a tenth of the burst's CPU, and run into journald's own rate limit,
+# which then drops lines: warnings included). Errors are always logged.
+LOG_EVENTS_PER_S = 20
 
 
 @dataclass(slots=True)
@@ -106,6 +111,9 @@ class Dispatcher:
         self._busy_since: float | None = None
         self._thread: threading.Thread | None = None
         self._hang = os.environ.get("EDGEHOOK_TEST_HANG_EVENT")  # test-only fault, see README
+        self._log_second = 0       # the second (monotonic) the event-line budget is for
+        self._log_budget = LOG_EVENTS_PER_S
+        self._log_unlogged = 0     # events past the budget since the last summary
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="edgehook-dispatcher",
@@ -142,6 +150,8 @@ class Dispatcher:
                 _LOG.exception("dispatcher: batch of %d events failed", len(batch))
             finally:
                 self._busy_since = None
+            if self._log_unlogged and not len(self.bus):
+                self._log_summary()  # the burst is over: say what the log left out
 
     def process(self, batch: Sequence[tuple[Event, Reply | None]]) -> None:
         """Evaluate a batch, store its webhooks in one transaction, then run the rest."""
@@ -165,12 +175,37 @@ class Dispatcher:
         for (event, reply), plan in zip(batch, plans, strict=True):
             self._run_plan(event, plan, reply, store_error)
 
+    def _log_allowed(self) -> bool:
+        """True while this second's budget of event lines lasts (see LOG_EVENTS_PER_S)."""
+        second = int(time.monotonic())
+        if second != self._log_second:
+            if self._log_unlogged:
+                self._log_summary()
+            self._log_second = second
+            self._log_budget = LOG_EVENTS_PER_S
+        if self._log_budget > 0:
+            self._log_budget -= 1
+            return True
+        self._log_unlogged += 1
+        return False
+
+    def _log_summary(self) -> None:
+        _LOG.info("%d more event(s) handled without a line each (over %d/s); "
+                  "/api/v1/events and /metrics have them", self._log_unlogged,
+                  LOG_EVENTS_PER_S)
+        self._log_unlogged = 0
+
     def _run_plan(self, event: Event, plan: Plan, reply: Reply | None,
                   store_error: str | None) -> None:
         self.events_total += 1
         self.last_event = event
-        _LOG.info("event %s %s from %s%s", event.id, event.type, event.source,
-                  f": rules {', '.join(plan.fired)}" if plan.fired else "")
+        if _LOG.isEnabledFor(logging.INFO) and self._log_allowed():
+            # Queued webhooks go on the event's own line: one log record per event.
+            queued = "" if store_error else ", ".join(
+                c.target for c in plan.calls if isinstance(c, WebhookCall))
+            _LOG.info("event %s %s from %s%s%s", event.id, event.type, event.source,
+                      f": rules {', '.join(plan.fired)}" if plan.fired else "",
+                      f": webhook {queued} queued" if queued else "")
         results: list[dict[str, Any]] = []
         errors = list(plan.errors)
         for err in plan.errors:
@@ -183,8 +218,6 @@ class Dispatcher:
                         _LOG.error("event %s: rule %s: %s", event.id, call.rule, msg)
                         errors.append(msg)
                         continue
-                    _LOG.info("event %s: rule %s: webhook %s queued", event.id, call.rule,
-                              call.target)
                     results.append({"webhook": call.target, "queued": True})
                 elif isinstance(call, OutputCall):
                     state = self.actions.set_output(call.output, call.state, call.duration,

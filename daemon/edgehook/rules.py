@@ -1,7 +1,9 @@
 """Pure rule evaluation: an event in, the planned actions out (nothing is executed here).
 
 Rules are indexed by trigger once, when the config is loaded, so matching an event
-costs a dict lookup (or a topic-trie walk for MQTT), never a scan of every rule.
+costs a dict lookup (or a topic-trie walk for MQTT, remembered per topic), never a
+scan of every rule. A rule whose `if` and actions hold no template syntax needs no
+template context, so none is built for it (no clock read, no state snapshot).
 """
 
 from __future__ import annotations
@@ -13,13 +15,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from paho.mqtt.matcher import MQTTMatcher
-
 from .config import Config, OutputAction, PublishAction, Rule, WebhookAction
 from .events import Event
 from .templates import TemplateError, is_truthy, render_tree, tree_is_static
 
 _LOG = logging.getLogger(__name__)
+
+TOPIC_CACHE = 1024  # MQTT topics whose matching rules are remembered (cleared when full)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +69,9 @@ class Plan:
     errors: list[str] = field(default_factory=list)
 
 
+_NO_CONTEXT: dict[str, Any] = {}  # what a rule with no template syntax "renders" with
+
+
 def event_context(event: Event, device: dict[str, str]) -> dict[str, Any]:
     """The `event` template variable: the wire shape with `data` keys also at the top."""
     ctx = dict(event.data)
@@ -81,12 +86,17 @@ class RuleEngine:
         self.cfg = cfg
         self.device = {"id": cfg.device.id, "name": cfg.device.name}
         self._index: dict[tuple[str, ...], list[tuple[int, Rule]]] = {}
-        self._mqtt = MQTTMatcher()
+        self._mqtt: Any = None
+        self._topics: dict[str, list[tuple[int, Rule]]] = {}
         self._last_fired: dict[int, float] = {}
         for i, rule in enumerate(cfg.rules):
             w = rule.when
             if w.kind == "mqtt":
                 if w.event == "message":
+                    if self._mqtt is None:  # paho only for a config that uses MQTT
+                        from paho.mqtt.matcher import MQTTMatcher
+
+                        self._mqtt = MQTTMatcher()
                     try:
                         self._mqtt[w.name].append((i, rule))
                     except KeyError:
@@ -102,6 +112,28 @@ class RuleEngine:
             else:  # at / every: the scheduler names the rule by index
                 self._add(("timer", str(i)), i, rule)
         self._static_bodies = self._prerender_static()
+        self._needs_ctx = {i: self._rule_needs_ctx(rule) for i, rule in enumerate(cfg.rules)}
+
+    def _rule_needs_ctx(self, rule: Rule) -> bool:
+        """False when nothing the rule renders has template syntax (its output is fixed)."""
+        if rule.condition is not None:
+            return True
+        for a in rule.actions:
+            if isinstance(a, WebhookAction):
+                target = self.cfg.webhooks.get(a.webhook)
+                if target is None or not tree_is_static(target.url) or \
+                        not tree_is_static(target.headers) or \
+                        (a.body is not None and not tree_is_static(a.body)):
+                    return True
+            elif isinstance(a, OutputAction):
+                if not tree_is_static(a.set):
+                    return True
+            elif isinstance(a, PublishAction):
+                if not (tree_is_static(a.topic) and tree_is_static(a.payload)):
+                    return True
+            else:
+                return True
+        return False
 
     def _add(self, key: tuple[str, ...], i: int, rule: Rule) -> None:
         self._index.setdefault(key, []).append((i, rule))
@@ -127,12 +159,12 @@ class RuleEngine:
         """The rules whose trigger matches the event (before `if` and cooldown)."""
         t = event.type
         if t == "mqtt.message":
-            found: list[tuple[int, Rule]] = []
-            for rules in self._mqtt.iter_match(event.source):
-                found.extend(rules)
-            retained = bool(event.data.get("retain"))
-            found = [(i, r) for i, r in found if r.when.retained or not retained]
-            return sorted(found, key=lambda x: x[0])
+            found = self._topics.get(event.source)
+            if found is None:
+                found = self._match_topic(event.source)
+            if event.data.get("retain"):
+                return [(i, r) for i, r in found if r.when.retained]
+            return found
         if t.startswith("input.") or t in ("mqtt.silent", "mqtt.resumed"):
             return self._index.get((t, event.source), [])
         if t == "hook.received":
@@ -147,6 +179,17 @@ class RuleEngine:
             return self._index.get(("timer", str(event.data.get("rule_index"))), [])
         return []
 
+    def _match_topic(self, topic: str) -> list[tuple[int, Rule]]:
+        found: list[tuple[int, Rule]] = []
+        if self._mqtt is not None:
+            for rules in self._mqtt.iter_match(topic):
+                found.extend(rules)
+            found.sort(key=lambda x: x[0])
+        if len(self._topics) >= TOPIC_CACHE:
+            self._topics.clear()
+        self._topics[topic] = found
+        return found
+
     def evaluate(self, event: Event, states: Callable[[], dict[str, Any]] | None = None,
                  now: float | None = None) -> Plan:
         """Plan the actions for one event; a failing template skips only its action."""
@@ -160,11 +203,12 @@ class RuleEngine:
             if rule.cooldown and ts - self._last_fired.get(i, float("-inf")) < rule.cooldown:
                 _LOG.debug("event %s: rule %s in cooldown", event.id, rule.name)
                 continue
-            if ctx is None:
+            if ctx is None and self._needs_ctx[i]:
                 ctx = self._context(event, states)
+            rctx = _NO_CONTEXT if ctx is None else ctx
             if rule.condition is not None:
                 try:
-                    if not is_truthy(rule.condition.render(ctx)):
+                    if not is_truthy(rule.condition.render(rctx)):
                         continue
                 except TemplateError as exc:
                     plan.errors.append(f"rule {rule.name}: if: {exc}")
@@ -173,7 +217,7 @@ class RuleEngine:
             plan.fired.append(rule.name)
             for j, action in enumerate(rule.actions):
                 try:
-                    plan.calls.append(self._render(i, j, rule, action, event, ctx))
+                    plan.calls.append(self._render(i, j, rule, action, event, rctx))
                 except TemplateError as exc:
                     plan.errors.append(f"rule {rule.name}: action {j + 1}: {exc}")
         return plan
