@@ -147,10 +147,14 @@ def status_page(state: dict[str, Any], events: list[dict[str, Any]],
 
 def _dead_row(d: dict[str, Any]) -> str:
     return (f"<li><span class=\"name\">#{int(d.get('id', 0))} {_e(str(d.get('target')))}"
-            f"</span> <span class=\"meta\">{int(d.get('attempts') or 0)} attempts</span> "
+            f"</span> <span class=\"meta\">{_attempts(int(d.get('attempts') or 0))}</span> "
             f"<span class=\"error\">{_e(str(d.get('last_error') or ''))}</span> "
             f"<button type=\"button\" class=\"secondary\" data-retry=\"{int(d.get('id', 0))}\">"
             "Retry</button></li>")
+
+
+def _attempts(n: int) -> str:
+    return f"{n} attempt" + ("" if n == 1 else "s")
 
 
 def _event_row(ev: dict[str, Any]) -> str:

@@ -87,7 +87,7 @@
       b.type = "button";
       b.dataset.retry = String(d.id);
       li.append(node("span", "name", "#" + d.id + " " + d.target), " ",
-                node("span", "meta", d.attempts + " attempts"), " ",
+                node("span", "meta", d.attempts + (d.attempts === 1 ? " attempt" : " attempts")), " ",
                 node("span", "error", d.last_error || ""), " ", b);
       frag.append(li);
     }
