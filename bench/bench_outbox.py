@@ -16,10 +16,8 @@ import argparse
 import json
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -30,69 +28,9 @@ from edgehook.delivery import Sender
 from edgehook.events import make_event
 from edgehook.outbox import NewDelivery, Outbox
 from edgehook.templates import Static
+from stamp_receiver import start_receiver
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"  # the spec's example secret
-RECEIVER = r"""
-import sys, time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-class H(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True
-    def do_POST(self):
-        t = time.monotonic_ns()
-        n = int(self.headers.get("Content-Length") or 0)
-        if n:
-            self.rfile.read(n)
-        self.send_response_only(200)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-        sys.stdout.write(f"{t}\n")
-        sys.stdout.flush()
-    def log_message(self, *a):
-        pass
-
-class S(ThreadingHTTPServer):
-    daemon_threads = True
-
-srv = S(("127.0.0.1", 0), H)
-sys.stdout.write(f"port {srv.server_address[1]}\n")
-sys.stdout.flush()
-srv.serve_forever()
-"""
-
-
-class Arrivals:
-    """Reads the receiver's arrival stamps (ns, CLOCK_MONOTONIC) in a thread."""
-
-    def __init__(self, proc: subprocess.Popen[str]) -> None:
-        self.stamps: list[int] = []
-        self.cond = threading.Condition()
-        self.proc = proc
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            with self.cond:
-                self.stamps.append(int(line))
-                self.cond.notify_all()
-
-    def wait(self, n: int, timeout: float = 30.0) -> int:
-        """Block until `n` requests arrived in total; return the n-th stamp."""
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            while len(self.stamps) < n:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError(f"{len(self.stamps)} of {n} requests arrived")
-                self.cond.wait(left)
-            return self.stamps[n - 1]
-
-    @property
-    def count(self) -> int:
-        with self.cond:
-            return len(self.stamps)
 
 
 def body_of(i: int) -> bytes:
@@ -130,12 +68,7 @@ def main() -> None:
     args = ap.parse_args()
     n, samples = args.n, args.samples
 
-    proc = subprocess.Popen([sys.executable, "-c", RECEIVER], stdout=subprocess.PIPE, text=True,
-                            bufsize=1)
-    assert proc.stdout is not None
-    port = int(proc.stdout.readline().split()[1])
-    arrivals = Arrivals(proc)
-    url = f"http://127.0.0.1:{port}/hook"
+    proc, url, arrivals = start_receiver()
     tmp = Path(tempfile.mkdtemp(prefix="edgehook-bench-"))
     rows: list[tuple[str, str, str, str]] = []
     try:

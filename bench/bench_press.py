@@ -32,10 +32,8 @@ import logging
 import shutil
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -43,35 +41,7 @@ import requests
 
 from edgehook.app import Daemon
 from edgehook.config import load_config
-
-RECEIVER = r"""
-import sys, time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-class H(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True
-    def do_POST(self):
-        n = int(self.headers.get("Content-Length") or 0)
-        if n:
-            self.rfile.read(n)
-        t = time.monotonic_ns()
-        self.send_response_only(200)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-        sys.stdout.write(f"{t}\n")
-        sys.stdout.flush()
-    def log_message(self, *a):
-        pass
-
-class S(ThreadingHTTPServer):
-    daemon_threads = True
-
-srv = S(("127.0.0.1", 0), H)
-sys.stdout.write(f"port {srv.server_address[1]}\n")
-sys.stdout.flush()
-srv.serve_forever()
-"""
+from stamp_receiver import start_receiver
 
 CONFIG = """\
 device: {{id: bench, name: Bench}}
@@ -88,39 +58,6 @@ rules:
     do:
       - webhook: sink
 """
-
-
-class Arrivals:
-    """Reads the receiver's arrival stamps (ns, CLOCK_MONOTONIC) in a thread."""
-
-    def __init__(self, proc: subprocess.Popen[str]) -> None:
-        self.stamps: list[int] = []
-        self.cond = threading.Condition()
-        self.proc = proc
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            with self.cond:
-                self.stamps.append(int(line))
-                self.cond.notify_all()
-
-    def wait(self, n: int, timeout: float = 10.0) -> int:
-        """Block until `n` requests arrived in total; return the n-th stamp."""
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            while len(self.stamps) < n:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError(f"{len(self.stamps)} of {n} requests arrived")
-                self.cond.wait(left)
-            return self.stamps[n - 1]
-
-    @property
-    def count(self) -> int:
-        with self.cond:
-            return len(self.stamps)
 
 
 def pct(values: list[float], p: float) -> float:
@@ -144,12 +81,8 @@ def summary(values: list[float]) -> dict[str, float]:
 
 
 def measure(samples: int, gap: float) -> dict[str, object]:
-    proc = subprocess.Popen([sys.executable, "-c", RECEIVER], stdout=subprocess.PIPE,
-                            text=True, bufsize=1)
-    assert proc.stdout is not None
-    port = int(proc.stdout.readline().split()[1])
-    arrivals = Arrivals(proc)
-    url = f"http://127.0.0.1:{port}/hook"
+    proc, url, arrivals = start_receiver()
+    port = int(url.rsplit(":", 1)[1].split("/", 1)[0])
     tmp = Path(tempfile.mkdtemp(prefix="edgehook-press-"))
     daemon = None
     try:
