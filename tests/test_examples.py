@@ -250,8 +250,8 @@ def test_github_push_to_slack_end_to_end(tmp_path: Path, daemon) -> None:
         assert head["message"].splitlines()[0] in text
 
         # The light flashed: on, then off again 2 s later.
-        on = d.wait_log("output light -> on")
-        assert event_id in d.log
+        on = d.wait_log("output light on for 2 s")  # the dispatcher's action line
+        assert event_id in on
         d.wait_log("output light -> off", timeout=5, after=d.lines.index(on))
 
         # Exactly one delivery: the refused requests and the ping queued nothing.

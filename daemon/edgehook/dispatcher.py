@@ -199,7 +199,9 @@ class Dispatcher:
                   store_error: str | None) -> None:
         self.events_total += 1
         self.last_event = event
-        if _LOG.isEnabledFor(logging.INFO) and self._log_allowed():
+        # One budget decision per event covers its action lines too (LOG_EVENTS_PER_S)
+        log = _LOG.isEnabledFor(logging.INFO) and self._log_allowed()
+        if log:
             # Queued webhooks go on the event's own line: one log record per event.
             queued = "" if store_error else ", ".join(
                 c.target for c in plan.calls if isinstance(c, WebhookCall))
@@ -222,13 +224,16 @@ class Dispatcher:
                 elif isinstance(call, OutputCall):
                     state = self.actions.set_output(call.output, call.state, call.duration,
                                                     f"rule {call.rule}, event {event.id}")
-                    _LOG.info("event %s: rule %s: output %s %s%s", event.id, call.rule,
-                              call.output, call.state,
-                              f" for {call.duration:g} s" if call.duration else "")
+                    if log:
+                        _LOG.info("event %s: rule %s: output %s %s%s", event.id, call.rule,
+                                  call.output, call.state,
+                                  f" for {call.duration:g} s" if call.duration else "")
                     results.append({"output": call.output, **state})
                 elif isinstance(call, PublishCall):
                     self.actions.publish(call.topic, call.payload, call.qos, call.retain)
-                    _LOG.info("event %s: rule %s: publish %s", event.id, call.rule, call.topic)
+                    if log:
+                        _LOG.info("event %s: rule %s: publish %s", event.id, call.rule,
+                                  call.topic)
                     results.append({"publish": call.topic})
             except (CommandError, KeyError) as exc:
                 msg = f"rule {call.rule}: {type(call).__name__}: {exc}"

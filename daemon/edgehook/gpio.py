@@ -331,7 +331,9 @@ class Gpio:
         elif out.max_on is not None:
             out.max_on.cancel()
             out.max_on = None
-        _LOG.info("output %s -> %s (%s)", out.cfg.name, _word(on), origin or "command")
+        # a rule's change is already logged by the dispatcher with its event id
+        _LOG.log(logging.DEBUG if origin.startswith("rule ") else logging.INFO,
+                 "output %s -> %s (%s)", out.cfg.name, _word(on), origin or "command")
         self._put(make_event("output.changed", out.cfg.name,
                              {"state": _word(on), "previous": _word(previous),
                               "origin": origin}))
