@@ -27,12 +27,13 @@ import platform
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench_idle import CONFIG, free_port, start_broker
 
 HERE = Path(__file__).resolve().parent
 PY = sys.executable
@@ -70,23 +71,6 @@ def run(args: list[str], timeout: float) -> tuple[int, str, float]:
     return r.returncode, r.stdout, time.monotonic() - t0
 
 
-IDLE_CONFIG = """\
-device: {{id: idle, name: Idle}}
-state_dir: {state}
-gpio:
-  backend: mock
-  inputs: {{doorbell: {{pin: 17, class: doorbell}}}}
-  outputs: {{porch_light: {{pin: 27, class: light}}}}
-http: {{listen: "127.0.0.1:{port}"}}
-{mqtt}
-webhooks:
-  sink: {{url: "http://127.0.0.1:9/hook"}}
-rules:
-  - when: {{input: doorbell}}
-    do: [{{webhook: sink}}, {{output: porch_light, set: "on", for: 30s}}]
-{rule}
-"""
-
 FLOOR = """\
 import os, sys, time, paho.mqtt.client as mqtt
 c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="floor-%d" % os.getpid())
@@ -95,12 +79,6 @@ c.connect("127.0.0.1", int(sys.argv[1]), keepalive=60)
 c.loop_start()
 time.sleep(1e6)
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def oncpu(pid: int) -> tuple[float, int]:
@@ -119,25 +97,22 @@ def oncpu(pid: int) -> tuple[float, int]:
 def idle_cpu(window: float) -> dict[str, float]:
     """Idle CPU in one window, side by side: edgehook without and with MQTT, and the
     floor for MQTT: a bare paho ``loop_start`` client (it wakes once a second)."""
-    exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
     tmp = Path(tempfile.mkdtemp(prefix="edgehook-idle-"))
     procs: dict[str, subprocess.Popen[bytes]] = {}
     try:
-        bport = free_port()
-        (tmp / "m.conf").write_text(f"listener {bport} 127.0.0.1\nallow_anonymous true\n"
-                                    "persistence false\n")
-        procs["broker"] = subprocess.Popen([exe, "-c", str(tmp / "m.conf")],
-                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(0.5)
+        broker, bport = start_broker(tmp)
+        if broker is None:
+            raise RuntimeError("mosquitto is not installed")
+        procs["broker"] = broker
         edgehook = str(Path(PY).parent / "edgehook")
         for name, with_mqtt in (("plain", False), ("mqtt", True)):
             cfg = tmp / f"{name}.yaml"
-            cfg.write_text(IDLE_CONFIG.format(
+            cfg.write_text(CONFIG.format(
                 state=tmp / f"state-{name}", port=free_port(),
                 mqtt=(f"mqtt: {{host: 127.0.0.1, port: {bport}, homeassistant: "
                       "{discovery: false}}" if with_mqtt else ""),
-                rule=('  - when: {mqtt: "idle/in"}\n    do: [{webhook: sink}]'
-                      if with_mqtt else "")))
+                mqtt_rule=('  - when: {mqtt: "idle/in"}\n    do: [{webhook: sink}]'
+                           if with_mqtt else "")))
             procs[name] = subprocess.Popen([edgehook, "run", "-c", str(cfg)],
                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         procs["paho floor"] = subprocess.Popen([PY, "-c", FLOOR, str(bport)])

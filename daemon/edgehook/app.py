@@ -50,12 +50,11 @@ class Daemon:
         self.bus = Bus()
         self.counters: Counter[str] = Counter()
         self.delivery_latency = Histogram()
-        self.engine = RuleEngine(cfg)
         # GPIO first: on a machine without pins we exit before creating the outbox file
         self.gpio = Gpio(cfg.gpio, self.bus.put, self.scheduler, pin_factory=pin_factory)
         self.outbox = Outbox(Path(cfg.state_dir) / "outbox.db")
         self.sender = Sender(self.outbox, cfg.webhooks, on_result=self._on_delivery)
-        self.dispatcher = Dispatcher(self.bus, self.engine, Actions(
+        self.dispatcher = Dispatcher(self.bus, RuleEngine(cfg), Actions(
             store=self._store, set_output=self._set_output, publish=self._publish,
             states=self._states, observe=self._observe))
         self.http = HttpServer(cfg.http.host, cfg.http.port, self._api(cfg),
@@ -96,7 +95,8 @@ class Daemon:
             return
         from .mqtt import MqttLink  # paho's client only when the config uses MQTT
 
-        self.mqtt = MqttLink(cfg.mqtt, cfg.device, cfg.gpio, self.engine.mqtt_filters(),
+        filters = self.dispatcher.engine.mqtt_filters()
+        self.mqtt = MqttLink(cfg.mqtt, cfg.device, cfg.gpio, filters,
                              put=self.bus.put, on_command=self._mqtt_command,
                              states=self._bool_states)
         self.mqtt.start()
@@ -192,8 +192,7 @@ class Daemon:
                 if on and old.gpio.outputs.get(name) == new.gpio.outputs.get(name):
                     gpio.set_output(name, "on", None, "reload: state kept")
         engine = RuleEngine(new)
-        self.engine = engine
-        self.dispatcher.engine = engine
+        self.dispatcher.engine = engine  # swapped as one reference
         self.sender.reload(new.webhooks)
         if self.time_triggers:
             self.time_triggers.stop()

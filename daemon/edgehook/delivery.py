@@ -439,18 +439,31 @@ def _read_response(sock: _Reader, method: str) -> tuple[int, str | None, bool]:
     return status, retry, False
 
 
+def _read_line(sock: _Reader, buf: bytes, too_long: str,
+               eof_ok: bool = False) -> tuple[bytes | None, bytes]:
+    """One CRLF-terminated line of a chunked body and what follows it.
+
+    The line is None when the server closed the connection first and `eof_ok`.
+    """
+    while b"\r\n" not in buf:
+        if len(buf) > _HEAD_MAX:
+            raise _ProtocolError(too_long)
+        chunk = sock.recv(_READ)
+        if not chunk:
+            if eof_ok:
+                return None, buf
+            raise _ProtocolError("connection closed in the middle of the body")
+        buf += chunk
+    line, _, rest = buf.partition(b"\r\n")
+    return line, rest
+
+
 def _read_chunked(sock: _Reader, buf: bytes) -> bool:
     """Consume a chunked body; False when the connection cannot be reused."""
     total = 0
     while True:
-        while b"\r\n" not in buf:
-            if len(buf) > _HEAD_MAX:
-                raise _ProtocolError("bad chunk size line")
-            chunk = sock.recv(_READ)
-            if not chunk:
-                raise _ProtocolError("connection closed in the middle of the body")
-            buf += chunk
-        line, _, buf = buf.partition(b"\r\n")
+        line, buf = _read_line(sock, buf, "bad chunk size line")
+        assert line is not None
         digits = line.split(b";", 1)[0].strip()
         if not _CHUNK_SIZE.fullmatch(digits):
             raise _ProtocolError("bad chunk size line")
@@ -459,18 +472,13 @@ def _read_chunked(sock: _Reader, buf: bytes) -> bool:
             # trailers, then the blank line
             trailers = 0
             while True:
-                while b"\r\n" not in buf:
-                    if len(buf) > _HEAD_MAX:
-                        raise _ProtocolError("trailers too large")
-                    chunk = sock.recv(_READ)
-                    if not chunk:
-                        return False
-                    buf += chunk
-                line, _, buf = buf.partition(b"\r\n")
-                trailers += len(line) + 2
+                trailer, buf = _read_line(sock, buf, "trailers too large", eof_ok=True)
+                if trailer is None:
+                    return False
+                trailers += len(trailer) + 2
                 if trailers > _HEAD_MAX:
                     raise _ProtocolError("trailers too large")
-                if not line:
+                if not trailer:
                     return not buf
         total += size
         if total > MAX_RESPONSE:

@@ -360,18 +360,17 @@ class MqttLink:
 
     def input_state(self, name: str, active: bool) -> None:
         """Publish `<prefix>/input/<name>` ON/OFF retained (the latest is re-sent on connect)."""
-        with self._lock:
-            self._inputs[name] = active
-            if self._connected:
-                self._send(f"{self._snap.prefix}/input/{name}", b"ON" if active else b"OFF",
-                           self._snap.cfg.qos, True)
+        self._state("input", self._inputs, name, active)
 
     def output_state(self, name: str, on: bool) -> None:
         """Publish `<prefix>/output/<name>` ON/OFF retained (the latest is re-sent on connect)."""
+        self._state("output", self._outputs, name, on)
+
+    def _state(self, kind: str, latest: dict[str, bool], name: str, on: bool) -> None:
         with self._lock:
-            self._outputs[name] = on
+            latest[name] = on
             if self._connected:
-                self._send(f"{self._snap.prefix}/output/{name}", b"ON" if on else b"OFF",
+                self._send(f"{self._snap.prefix}/{kind}/{name}", b"ON" if on else b"OFF",
                            self._snap.cfg.qos, True)
 
     def input_event(self, name: str, event_type: str, event_id: str) -> None:
@@ -452,8 +451,10 @@ class MqttLink:
         self._announced = list(snap.discovery)
 
     def _prune_caches(self, gpio: GpioConfig) -> None:
-        self._inputs = {k: v for k, v in self._inputs.items() if k in gpio.inputs}
-        self._outputs = {k: v for k, v in self._outputs.items() if k in gpio.outputs}
+        # in place: _state() may hold a reference to either dict
+        for latest, known in ((self._inputs, gpio.inputs), (self._outputs, gpio.outputs)):
+            for name in [n for n in latest if n not in known]:
+                del latest[name]
 
     # ----------------------------------------------------------------- paho callbacks
 
