@@ -313,7 +313,8 @@ def test_retry_of_a_dead_row_delivers_it_with_the_same_webhook_id(box, rx, make_
     (rid,) = add(box, "t", rx)
     sender, _ = make_sender(target("t", rx))
     wait_until(lambda: status_of(box, rid) == "dead", what="dead")
-    assert box.retry(rid, time.time())
+    wait_until(lambda: sender._workers["t"].in_sync, what="in sync: it reads no more")
+    assert box.retry(rid, time.time())  # an older row, pending behind the thread's back
     sender.wake(["t"])
     wait_until(lambda: status_of(box, rid) == "delivered", what="delivered")
     first, second = rx.requests
@@ -455,21 +456,111 @@ class CountingOutbox:
         return attr
 
 
-def test_idle_sender_touches_nothing_but_keeps_a_heartbeat(box, rx, monkeypatch) -> None:
-    monkeypatch.setattr(delivery, "HEARTBEAT", 0.05)
+def test_idle_sender_touches_nothing_and_never_wakes(box, rx) -> None:
     counting = CountingOutbox(box)
     sender = Sender(counting, {"t": target("t", rx), "u": target("u", rx)})  # type: ignore[arg-type]
     sender.start()
     try:
         wait_until(lambda: counting.calls.count("next_due") >= 2, what="initial scan")
-        time.sleep(0.05)
+        workers = list(sender._workers.values())
+        wait_until(lambda: all(w.sleeping for w in workers), what="both threads asleep")
+        beats = [w.beat for w in workers]
         before = len(counting.calls)
-        time.sleep(0.5)  # idle: ten heartbeats per thread, and no database access
+        time.sleep(0.5)  # idle: no database access, and no timer wakes a thread
         assert len(counting.calls) == before
-        assert sender.heartbeat_age() < 0.3
+        assert [w.beat for w in workers] == beats
+        assert all(w.sleeping for w in workers)
+        assert sender.heartbeat_age() == 0.0  # asleep waiting for work counts as alive
         add(box, "t", rx)
         sender.wake(["t"])
         rx.wait_for(1)
+    finally:
+        sender.stop(1)
+
+
+def offer(box: Outbox, sender: Sender, name: str, rx: Receiver, n: int = 1, *,
+          start: int = 0) -> list[int]:
+    """Store rows and hand them over as the daemon does (commit, then offer)."""
+    rows = box.add_rows([NewDelivery(
+        target=name, event_id=f"ev{i}", url=rx.url + f"/hook?seq={i}", method="POST",
+        headers={"X-Seq": str(i)}, body=json.dumps({"seq": i}).encode(),
+        content_type="application/json", max_attempts=12, max_age=900.0)
+        for i in range(start, start + n)])
+    sender.offer(rows)
+    return [r.id for r in rows]
+
+
+def seqs(rx: Receiver) -> list[int]:
+    return [int(r.headers["x-seq"]) for r in rx.requests]
+
+
+def test_offered_rows_are_sent_without_reading_them_back(box, rx) -> None:
+    counting = CountingOutbox(box)
+    sender = Sender(counting, {"t": target("t", rx)})  # type: ignore[arg-type]
+    sender.start()
+    try:
+        wait_until(lambda: "next_due" in counting.calls, what="initial scan: queue empty")
+        wait_until(lambda: sender._workers["t"].sleeping, what="asleep, in sync")
+        counting.calls.clear()
+        for i in range(5):
+            offer(box, sender, "t", rx, start=i)
+            rx.wait_for(i + 1)
+        wait_until(lambda: box.counts()["delivered"] == 5, what="all marked delivered")
+        assert seqs(rx) == [0, 1, 2, 3, 4]
+        # one commit per delivery ("delivered"), no claim, no lease, no re-read
+        assert set(counting.calls) == {"mark_delivered"}
+        assert all(box.get(i)["attempts"] == 1 for i in range(1, 6))
+    finally:
+        sender.stop(1)
+
+
+def test_a_failed_offered_row_falls_back_to_the_database_in_order(box, rx) -> None:
+    rx.script(503, 200)
+    sender = Sender(box, {"t": target("t", rx)})
+    sender.start()
+    try:
+        wait_until(lambda: sender._workers["t"].in_sync, what="in sync")
+        ids = offer(box, sender, "t", rx, 1)
+        rx.wait_for(1)
+        ids += offer(box, sender, "t", rx, 4, start=1)  # behind the row backing off
+        wait_until(lambda: box.counts()["delivered"] == 5, what="all delivered")
+        assert seqs(rx) == [0, 0, 1, 2, 3, 4]  # one retry, nothing overtakes it
+        assert [box.get(i)["attempts"] for i in ids] == [2, 1, 1, 1, 1]
+        wait_until(lambda: sender._workers["t"].in_sync, what="back in sync")
+        offer(box, sender, "t", rx, 1, start=5)
+        rx.wait_for(7)
+        assert seqs(rx)[-1] == 5
+    finally:
+        sender.stop(1)
+
+
+def test_rows_offered_while_reading_the_database_go_once_in_order(box, rx) -> None:
+    """Rows stored and offered while the thread starts (reading the queue from the
+    database) are taken from there once, not again from the inbox."""
+    sender = Sender(box, {"t": target("t", rx)})
+    offer(box, sender, "t", rx, 30)  # before start: only in the database
+    sender.start()
+    for i in range(30, 300, 10):
+        offer(box, sender, "t", rx, 10, start=i)
+    wait_until(lambda: box.counts()["delivered"] == 300, what="all delivered")
+    sender.stop(1)
+    assert seqs(rx) == list(range(300))
+
+
+def test_an_overfull_inbox_is_read_back_from_the_database(box, rx, monkeypatch) -> None:
+    monkeypatch.setattr(delivery, "INBOX_MAX", 5)
+    sender = Sender(box, {"t": target("t", rx)})
+    sender.start()
+    try:
+        wait_until(lambda: sender._workers["t"].in_sync, what="in sync")
+        rx.script(Reply(200, delay=0.3))  # the first send holds the thread
+        offer(box, sender, "t", rx, 1)
+        rx.wait_for(1)
+        for i in range(1, 40, 3):
+            offer(box, sender, "t", rx, 3, start=i)
+        assert len(sender._workers["t"].inbox) <= 5
+        wait_until(lambda: box.counts()["delivered"] == 40, what="all delivered")
+        assert seqs(rx) == list(range(40))
     finally:
         sender.stop(1)
 

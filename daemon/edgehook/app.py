@@ -220,8 +220,8 @@ class Daemon:
                 target=call.target, event_id=event.id, url=call.url, method=target.method,
                 headers=call.headers, body=call.body, content_type=call.content_type,
                 max_attempts=target.max_attempts, max_age=target.max_age))
-        self.outbox.add(items)
-        self.sender.wake({c.target for _, c in calls})
+        # committed, then handed to the sender threads in memory (no read-back)
+        self.sender.offer(self.outbox.add_rows(items))
 
     def _set_output(self, name: str, state: str, duration: float | None,
                     origin: str) -> dict[str, Any]:

@@ -35,6 +35,7 @@ import socket
 import ssl
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC
 from typing import Protocol
@@ -51,8 +52,7 @@ BACKOFF_FIRST = (1.0, 5.0)  # the first retry comes within this window (seconds)
 BACKOFF_CAP = 300.0         # no wait between attempts is longer than this
 BATCH = 50                  # rows claimed at once (and marked delivered in one commit)
 LEASE = 300.0               # a claim's lease; only a dead thread's rows ever wait it out
-HEARTBEAT = 60.0            # an idle thread wakes at most this often (no database access)
-RESCAN_EVERY = 60.0         # an idle thread re-reads its queue this often, as a safety net
+INBOX_MAX = 1000            # rows handed over in memory beyond this are read back instead
 ERROR_PAUSE = 1.0           # after an outbox error (disk full), wait this long, doubling
 MAX_RESPONSE = 1 << 20      # larger response bodies are not read; the connection is dropped
 USER_AGENT = f"edgehook/{__version__}"
@@ -501,7 +501,21 @@ def _describe(exc: BaseException) -> str:
 # --------------------------------------------------------------------------- threads
 
 class _Worker:
-    """The sender thread of one target."""
+    """The sender thread of one target.
+
+    Two modes. *Database mode* reads the queue from the outbox (claim the due head,
+    send it, sleep until the next row is due): at start, after a failed attempt, and
+    whenever another part of the daemon changed the queue behind its back (a retry
+    from the API, a reload; :meth:`Sender.wake`). When a database round finds the
+    target's queue empty the thread is *in sync*: every row stored from then on is
+    handed to it in memory by :meth:`Sender.offer` right after its commit, and it
+    sends those in order without reading them back (no claim, no lease: one daemon
+    per state directory, and a crash clears leases anyway). That saves two of the
+    four transactions a delivery cost and a thread's worth of latency (issue 6).
+    Any failed attempt, or an inbox past ``INBOX_MAX`` rows, drops it back to
+    database mode; row ids only grow, so ``high`` (the last id taken) tells a row
+    already sent from one seen again.
+    """
 
     def __init__(self, sender: Sender, name: str, config: WebhookConfig | None) -> None:
         self.sender = sender
@@ -513,60 +527,87 @@ class _Worker:
         self.conn = _Connection(sender.tls_context)
         self.unmarked: list[tuple[int, int]] = []  # delivered, not yet recorded
         self.unreleased: list[int] = []  # claimed, not attempted, lease not yet given back
+        self.inbox: deque[RowLike] = deque()  # committed rows handed over by offer()
+        self.in_sync = False  # the inbox is the whole queue (see the class docstring)
+        self.dirty = True  # set by other threads: the queue changed; read the database
+        self.high = 0  # the highest row id this thread has taken
         self.thread = threading.Thread(target=self._run, name=f"edgehook-send-{name}",
                                        daemon=True)
+
+    def offer(self, rows: Sequence[RowLike]) -> None:
+        """Committed new rows of this target (called by the storing thread)."""
+        if len(self.inbox) + len(rows) > INBOX_MAX:
+            self.dirty = True  # they are in the database; read them from there
+        else:
+            self.inbox.extend(rows)
+        self.wakeup.set()
 
     # The loop ------------------------------------------------------------
 
     def _run(self) -> None:
         pause = ERROR_PAUSE
-        due: float | None = 0.0  # unknown at start: look at the queue at once
-        last_scan = 0.0
+        due: float | None = 0.0  # when the head of the queue is due (database mode)
         try:
             while not self.sender._stopping.is_set():
                 self.beat = time.monotonic()
-                woken = self.wakeup.is_set()
                 self.wakeup.clear()
-                now = time.time()
-                if not woken and (due is None or due > now) and \
-                        self.beat - last_scan < RESCAN_EVERY:
-                    # A heartbeat timeout with nothing due: no database access at all.
-                    self._sleep(due, now, last_scan + RESCAN_EVERY)
-                    continue
-                last_scan = self.beat
+                if self.dirty:  # read after clearing: a later change sets wakeup again
+                    self.dirty = False
+                    self.in_sync = False
+                    due = 0.0
                 try:
-                    if self.config is None:
+                    cfg = self.config
+                    if cfg is None:
                         if self._reap():
                             return
                         continue
-                    self._flush()
-                    progressed = self._round()
-                    due = 0.0 if progressed else self.sender.outbox.next_due(self.name)
+                    if self.in_sync:
+                        self._send_inbox(cfg)
+                        due = None if self.in_sync else self.sender.outbox.next_due(self.name)
+                    elif due is not None and due <= time.time():
+                        self.inbox.clear()  # committed before the claim below reads
+                        self._flush()
+                        due = self._round()
+                        self.in_sync = due is None
                     pause = ERROR_PAUSE
                 except Exception:
                     _LOG.exception("sender %s: outbox error; pausing %.0f s", self.name, pause)
                     self.sender._stopping.wait(pause)
                     pause = min(pause * 2, BACKOFF_CAP)
-                    due = 0.0
+                    self.dirty = True
                     continue
-                if due is not None and due <= time.time():
+                if self.dirty or (self.in_sync and self.inbox) or \
+                        (not self.in_sync and due is not None and due <= time.time()):
                     continue
-                self._sleep(due, time.time(), last_scan + RESCAN_EVERY)
+                self._sleep(None if self.in_sync else due)
         except Exception:  # the loop's boundary: log, and let heartbeat_age show it
             _LOG.exception("sender %s died", self.name)
         finally:
             self.conn.close()
 
-    def _sleep(self, due: float | None, now: float, rescan_at: float) -> None:
-        timeout = min(HEARTBEAT, max(0.0, rescan_at - time.monotonic()))
-        if due is not None:
-            timeout = min(timeout, max(0.0, due - now))
+    def _sleep(self, due: float | None) -> None:
+        """Wait for a wake-up, or until `due` (None: no timeout, an idle thread never
+        wakes by itself)."""
         self.sleeping = True
         try:
-            self.wakeup.wait(timeout)
+            self.wakeup.wait(None if due is None else max(0.0, due - time.time()))
         finally:
             self.sleeping = False
             self.beat = time.monotonic()
+
+    def _send_inbox(self, cfg: WebhookConfig) -> None:
+        """In sync: send the handed-over rows in order; a failed one ends the sync."""
+        inbox = self.inbox
+        while inbox and not self.dirty and not self.sender._stopping.is_set():
+            row = inbox.popleft()
+            if row.id <= self.high:
+                continue  # already taken from the database
+            self.high = row.id
+            if not self._deliver(row, cfg):
+                self.in_sync = False
+                inbox.clear()  # all in the database, behind the row backing off
+                break
+        self._flush()
 
     def _reap(self) -> bool:
         """The target left the config: its pending rows go dead. True when the thread ends."""
@@ -591,12 +632,11 @@ class _Worker:
             self.sender.outbox.release(self.unreleased)
             self.unreleased = []
 
-    def _round(self) -> bool:
-        """Claim the due head of the queue and send it in order; True if all went through."""
+    def _round(self) -> float | None:
+        """Claim the due head of the queue and send it in order; returns when the head
+        is due next (None: the queue is empty, 0.0: claim again at once)."""
         outbox = self.sender.outbox
         rows = outbox.claim(self.name, BATCH, time.time(), LEASE)
-        if not rows:
-            return False
         done = 0
         try:
             for row in rows:
@@ -606,15 +646,16 @@ class _Worker:
                 if cfg is None:
                     break
                 done += 1
+                self.high = max(self.high, row.id)
                 if not self._deliver(row, cfg):
                     break  # the head is backing off: the rows behind it wait (order)
             else:
-                self._flush()
-                return True
-            return False
+                if len(rows) == BATCH:
+                    return 0.0  # there may be more
         finally:
             self.unreleased.extend(r.id for r in rows[done:])
             self._flush()
+        return outbox.next_due(self.name)
 
     def _deliver(self, row: RowLike, cfg: WebhookConfig) -> bool:
         """Attempt one row; False when it is to be retried later (stop this round)."""
@@ -749,16 +790,24 @@ class Sender:
             _LOG.warning("target %s is not in the config: %d pending deliveries dead", name, n)
 
     def wake(self, targets: Iterable[str] | None = None) -> None:
-        """New rows were added (for these targets, or all): look at the queue now."""
+        """The queue changed in the database (for these targets, or all): read it now."""
         workers = self._workers
-        if targets is None:
-            for worker in list(workers.values()):
-                worker.wakeup.set()
-            return
-        for name in targets:
+        chosen = list(workers.values()) if targets is None else \
+            [w for w in (workers.get(name) for name in targets) if w is not None]
+        for worker in chosen:
+            worker.dirty = True
+            worker.wakeup.set()
+
+    def offer(self, rows: Sequence[RowLike]) -> None:
+        """Rows just committed to the outbox: hand them to their targets' threads."""
+        by_target: dict[str, list[RowLike]] = {}
+        for row in rows:
+            by_target.setdefault(row.target, []).append(row)
+        workers = self._workers
+        for name, batch in by_target.items():
             worker = workers.get(name)
             if worker is not None:
-                worker.wakeup.set()
+                worker.offer(batch)
 
     def reload(self, targets: Mapping[str, WebhookConfig]) -> None:
         """Swap in a new config snapshot: new threads for new targets; removed targets'
@@ -771,6 +820,7 @@ class Sender:
                 worker = self._workers.get(name)
                 if worker is not None and worker.thread.is_alive():
                     worker.config = cfg
+                    worker.dirty = True
                     worker.wakeup.set()
                 else:
                     self._spawn(name, cfg)

@@ -317,7 +317,11 @@ class Outbox:
     # ------------------------------------------------------------------ writing
 
     def add(self, items: Sequence[NewDelivery], now: float | None = None) -> list[int]:
-        """Store deliveries, all in one transaction (a group commit); returns their ids.
+        """Store deliveries, all in one transaction (a group commit); returns their ids."""
+        return [row.id for row in self.add_rows(items, now)]
+
+    def add_rows(self, items: Sequence[NewDelivery], now: float | None = None) -> list[Row]:
+        """:meth:`add`, returning the stored rows as :meth:`claim` would (for the sender).
 
         Raises ``OutboxFull`` (storing none of them) when the row cap or the disk
         headroom would be crossed.
@@ -346,7 +350,10 @@ class Outbox:
                 # AUTOINCREMENT under the write lock: one batch gets consecutive ids.
                 last = c.execute("SELECT last_insert_rowid()").fetchone()[0]
             self._apply({"pending": len(items)})
-            return list(range(last - len(items) + 1, last + 1))
+        first = last - len(items) + 1
+        return [Row(first + i, r[0], d.event_id, d.target, d.url, d.method, dict(d.headers),
+                    r[6], d.content_type, 0, r[8], now, now, r[12])
+                for i, (r, d) in enumerate(zip(rows, items, strict=True))]
 
     def claim(self, target: str, limit: int, now: float, lease: float = LEASE) -> list[Row]:
         """Lease the due head of a target's queue, oldest first.
