@@ -100,16 +100,14 @@ def main() -> None:
         sender = Sender(box, {"t": cfg})
         sender.start()
         warm = [delivery(url, i) for i in range(50)]
-        box.add(warm)
-        sender.wake(["t"])
+        sender.offer(box.add_rows(warm))  # as the daemon does: commit, then hand over
         arrivals.wait(seen + 50)
         while box.counts()["delivered"] < 50:
             time.sleep(0.001)
         items = [delivery(url, i) for i in range(n)]
         c0, t0 = time.process_time(), time.perf_counter()
         for i in range(0, n, 50):  # as the dispatcher would: a group commit per burst slice
-            box.add(items[i:i + 50])
-            sender.wake(["t"])
+            sender.offer(box.add_rows(items[i:i + 50]))
         while box.counts()["delivered"] < 50 + n:
             time.sleep(0.0005)
         eh_elapsed = time.perf_counter() - t0
@@ -133,8 +131,7 @@ def main() -> None:
             before = arrivals.count
             one = delivery(url, i)
             t0_ns = time.monotonic_ns()
-            box.add([one])
-            sender.wake(["t"])
+            sender.offer(box.add_rows([one]))
             eh_lat.append((arrivals.wait(before + 1) - t0_ns) / 1e6)
             delivered += 1
             while box.counts()["delivered"] < delivered:  # let the mark commit settle

@@ -320,6 +320,12 @@ class _Stub:
     def outbox_retry(self, item_id: int) -> bool:
         return item_id == 7
 
+    def outbox_retry_dead(self) -> int:
+        return 2
+
+    def outbox_purge(self) -> int:
+        return 2
+
     def submit(self, event: Any, wait: float | None = None) -> Reply | None:
         self.events.append(event)
         if wait is None:
@@ -407,7 +413,8 @@ def test_api_needs_the_token(daemon: Daemon) -> None:
     for method, path in [("GET", "/api/v1/state"), ("GET", "/api/v1/outbox"),
                          ("PUT", "/api/v1/outputs/fan"), ("GET", "/api/v1/events"),
                          ("POST", "/api/v1/inputs/doorbell/simulate"), ("GET", "/metrics"),
-                         ("POST", "/api/v1/outbox/1/retry")]:
+                         ("POST", "/api/v1/outbox/1/retry"), ("POST", "/api/v1/outbox/retry"),
+                         ("DELETE", "/api/v1/outbox?status=dead")]:
         r = requests.request(method, base(daemon) + path, timeout=5,
                              headers={"Authorization": "Bearer wrong"})
         assert r.status_code == 401, (method, path)
@@ -433,6 +440,10 @@ API_CASES = [
     ("outbox-bad", "GET", "/api/v1/outbox?status=lost", None, 400),
     ("retry-404", "POST", "/api/v1/outbox/999/retry", None, 404),
     ("retry-huge-404", "POST", "/api/v1/outbox/" + "9" * 40 + "/retry", None, 404),
+    ("retry-all-dead", "POST", "/api/v1/outbox/retry", None, 200),
+    ("purge-dead", "DELETE", "/api/v1/outbox?status=dead", None, 200),
+    ("purge-pending-400", "DELETE", "/api/v1/outbox?status=pending", None, 400),
+    ("purge-nothing-400", "DELETE", "/api/v1/outbox", None, 400),
     ("unknown-404", "GET", "/api/v2/nothing", None, 404),
     ("events", "GET", "/api/v1/events?limit=5", None, 200),
     ("healthz", "GET", "/healthz", None, 200),

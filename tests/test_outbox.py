@@ -11,7 +11,7 @@ import pytest
 
 from edgehook import outbox as ob
 from edgehook.errors import EdgehookError
-from edgehook.outbox import NewDelivery, Outbox, OutboxFull, OutboxLocked
+from edgehook.outbox import NewDelivery, Outbox, OutboxFull, OutboxLocked, daemon_holds
 
 
 def item(n: int = 0, target: str = "t", max_attempts: int = 5, max_age: float = 900.0
@@ -294,3 +294,18 @@ def test_rows_survive_reopen(tmp_path: Path) -> None:
         assert o.targets_with_pending() == {"t"}
     finally:
         o.close()
+
+
+def test_daemon_holds_tells_whether_a_daemon_has_the_state_dir(tmp_path: Path) -> None:
+    path = tmp_path / "state" / "outbox.db"
+    assert not daemon_holds(path)  # no directory, no lock file
+    box = Outbox(path)
+    try:
+        assert daemon_holds(path)
+        assert daemon_holds(path)  # probing twice does not take the lock away
+        with pytest.raises(OutboxLocked):
+            Outbox(path)
+    finally:
+        box.close()
+    assert not daemon_holds(path)
+    Outbox(path).close()  # and the probe left nothing locked behind

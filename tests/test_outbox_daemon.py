@@ -130,6 +130,23 @@ def test_dead_rows_listed_and_retried(tmp_path: Path, write_config, daemon) -> N
         wait_until(lambda: d.api("GET", "/api/v1/state").json()["webhooks"]["sink"]["gone"],
                    what="410 marks the target gone")
         wait_until(lambda: outbox(d)["dead"] == 2, what="410 -> dead")
+
+        # --all-dead and purge go through the running daemon too: its senders do not
+        # poll the file, so a change behind their back would wait for a restart
+        sink.script(200, 200)
+        out = cli(cfg, "retry", "--all-dead")
+        assert out.returncode == 0 and out.stdout.startswith("2 dead"), out.stderr
+        wait_until(lambda: outbox(d)["delivered"] == 3, what="both dead rows delivered")
+        assert len(sink.requests) == 8
+        sink.script(400)
+        press(d, 1)
+        wait_until(lambda: outbox(d)["dead"] == 1, what="400 -> dead")
+        out = cli(cfg, "purge", "--dead")
+        assert out.returncode == 0 and out.stdout.startswith("1 dead"), out.stderr
+        assert outbox(d)["dead"] == 0  # the daemon's own counters saw it
+        sink.script(400, 400)
+        press(d, 2)
+        wait_until(lambda: outbox(d)["dead"] == 2, what="two more dead")
         assert d.stop() == 0
         # purge works on the file with the daemon stopped
         out = cli(cfg, "purge", "--dead")
@@ -137,3 +154,24 @@ def test_dead_rows_listed_and_retried(tmp_path: Path, write_config, daemon) -> N
         assert json.loads(cli(cfg, "list", "--status", "dead", "--json").stdout) == []
     finally:
         sink.stop()
+
+
+def test_cli_change_behind_a_daemon_without_api_says_how_it_lands(tmp_path: Path,
+                                                                  write_config) -> None:
+    """The state dir is held (as by a daemon) but nothing answers on its HTTP port: the
+    CLI still makes the change in the file and says when the daemon will see it."""
+    from edgehook.outbox import Outbox
+
+    state = tmp_path / "state"
+    cfg = write_config(CONFIG.format(state=state, port=free_port(), sink="http://127.0.0.1:9",
+                                     attempts=3))
+    held = Outbox(state / "outbox.db")  # holds the one-daemon lock
+    try:
+        out = cli(cfg, "retry", "--all-dead")
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.startswith("0 dead")
+        assert "next reload" in out.stderr
+    finally:
+        held.close()
+    out = cli(cfg, "purge", "--dead")
+    assert out.returncode == 0 and "reload" not in out.stderr  # nobody to tell

@@ -193,7 +193,8 @@ class Daemon:
                     gpio.set_output(name, "on", None, "reload: state kept")
         engine = RuleEngine(new)
         self.dispatcher.engine = engine  # swapped as one reference
-        self.sender.reload(new.webhooks)
+        self.sender.reload(new.webhooks)  # senders re-read their queues from the file
+        self.outbox.recount()  # a CLI may have changed the file while the API was away
         if self.time_triggers:
             self.time_triggers.stop()
         if self.silence:
@@ -355,6 +356,15 @@ class Daemon:
         if ok:
             self.sender.wake(None)
         return ok
+
+    def outbox_retry_dead(self) -> int:
+        n = self.outbox.retry_all_dead(time.time())
+        if n:
+            self.sender.wake(None)
+        return n
+
+    def outbox_purge(self) -> int:
+        return self.outbox.purge("dead")
 
     def submit(self, event: Event, wait: float | None = None) -> Reply | None:
         """Queue an event (hooks); with `wait`, block up to that long for its results."""

@@ -184,27 +184,25 @@ def _sim(cfg: Config, action: str, name: str) -> int:
 
 
 def _outbox(cfg: Config, args: argparse.Namespace) -> int:
-    """List from the SQLite file (works while the daemon is down); retry through the
-    running daemon's API so its sender wakes at once, else directly in the file."""
+    """List from the SQLite file (works while the daemon is down). Changes go through
+    the running daemon's API, so its senders and counters see them at once (they do
+    not poll the file); with no daemon they are made in the file, sent at next start."""
     from pathlib import Path
 
-    from .outbox import Outbox
+    from .outbox import Outbox, daemon_holds
 
     path = Path(cfg.state_dir) / "outbox.db"
     if not path.exists():
         print(f"edgehook: no outbox at {path}", file=sys.stderr)
         return EXIT_FAIL
-    if args.outbox_command == "retry" and args.id is not None and not args.all_dead:
-        try:
-            status, _ = _api_call(cfg, "POST", f"/api/v1/outbox/{args.id}/retry")
-            if status == 200:
-                print(f"delivery {args.id} queued again")
-                return EXIT_OK
-            if status == 404:
-                print(f"edgehook: no dead delivery with id {args.id}", file=sys.stderr)
-                return EXIT_FAIL
-        except EdgehookError:
-            pass  # the daemon is not running: change the file; it sends at next start
+    if args.outbox_command == "retry" and args.id is None and not args.all_dead:
+        print("edgehook: give an ID or --all-dead", file=sys.stderr)
+        return EXIT_FAIL
+    if args.outbox_command != "list":
+        done = _outbox_via_api(cfg, args)
+        if done is not None:
+            return done
+    running = daemon_holds(path)  # and its API did not answer
     box = Outbox(path, exclusive=False)
     try:
         if args.outbox_command == "list":
@@ -218,19 +216,48 @@ def _outbox(cfg: Config, args: argparse.Namespace) -> int:
             now = time.time()
             if args.all_dead:
                 print(f"{box.retry_all_dead(now)} dead deliveries queued again")
-            elif args.id is not None:
+            else:
                 if not box.retry(args.id, now):
                     print(f"edgehook: no dead delivery with id {args.id}", file=sys.stderr)
                     return EXIT_FAIL
                 print(f"delivery {args.id} queued again")
-            else:
-                print("edgehook: give an ID or --all-dead", file=sys.stderr)
-                return EXIT_FAIL
-            return EXIT_OK
-        print(f"{box.purge('dead')} dead deliveries purged")
+        else:
+            print(f"{box.purge('dead')} dead deliveries purged")
+        if running:
+            print("edgehook: the daemon's API did not answer: it picks this change up at its "
+                  "next reload (systemctl reload edgehook) or restart", file=sys.stderr)
         return EXIT_OK
     finally:
         box.close()
+
+
+def _outbox_via_api(cfg: Config, args: argparse.Namespace) -> int | None:
+    """`outbox retry|purge` through the daemon's API; None when it does not answer."""
+    single = args.outbox_command == "retry" and not args.all_dead
+    if single:
+        call = ("POST", f"/api/v1/outbox/{args.id}/retry")
+    elif args.outbox_command == "retry":
+        call = ("POST", "/api/v1/outbox/retry")
+    else:
+        call = ("DELETE", "/api/v1/outbox?status=dead")
+    try:
+        status, body = _api_call(cfg, *call)
+    except EdgehookError:
+        return None  # not running (or not reachable): change the file
+    if status == 200 and isinstance(body, dict):
+        if "retried" in body:
+            print(f"{body['retried']} dead deliveries queued again")
+        elif "purged" in body:
+            print(f"{body['purged']} dead deliveries purged")
+        else:
+            print(f"delivery {args.id} queued again")
+        return EXIT_OK
+    if status == 404 and single:
+        print(f"edgehook: no dead delivery with id {args.id}", file=sys.stderr)
+        return EXIT_FAIL
+    detail = body.get("detail") if isinstance(body, dict) else body
+    print(f"edgehook: the daemon answered {status}: {detail}", file=sys.stderr)
+    return EXIT_FAIL
 
 
 def _print_table(items: list[dict[str, Any]]) -> None:

@@ -13,11 +13,12 @@ No maintained library offers a cheaper blocking keep-alive client, so this one
 is ours, kept to what a webhook POST needs and tested on its own
 (tests/test_http_client.py).
 
-Idle costs nothing: a thread sleeps on an ``Event`` until it is woken (new rows) or
-the head row is due, and otherwise wakes once every ``HEARTBEAT`` seconds to re-read
-its queue (a safety net for rows written by another process, e.g. ``edgehook outbox
-retry --all-dead`` while the daemon runs). A sleeping thread counts as alive for
-:meth:`Sender.heartbeat_age`: it is waiting for work, not stuck in it.
+Idle costs nothing: a thread sleeps on an ``Event`` until it is woken (new rows,
+a retry, a reload) or the head row is due, with no timeout otherwise. Nothing else
+writes the queue behind its back: the CLI's retries and purges go through the
+daemon's API while it runs (and say so, pointing at a reload, when the API does not
+answer). A sleeping thread counts as alive for :meth:`Sender.heartbeat_age`: it is
+waiting for work, not stuck in it.
 
 Rows carry the rendered URL, headers and body; signing secrets are applied at send
 time from the target's current config and are never stored, logged or echoed. Logs

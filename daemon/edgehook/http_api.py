@@ -97,6 +97,8 @@ class ApiBackend(Protocol):
     def simulate(self, name: str, action: str) -> None: ...
     def outbox_list(self, status: str | None) -> list[dict[str, Any]]: ...
     def outbox_retry(self, item_id: int) -> bool: ...
+    def outbox_retry_dead(self) -> int: ...
+    def outbox_purge(self) -> int: ...
     def submit(self, event: Any, wait: float | None = None) -> Any: ...
     def recent_events(self) -> list[dict[str, Any]]: ...
     def metrics(self) -> dict[str, Any]: ...
@@ -342,6 +344,8 @@ class Api:
         r.add("POST", "/api/v1/inputs/(?P<name>[^/]+)/simulate", self.simulate)
         r.add("GET", "/api/v1/outbox", self.outbox)
         r.add("POST", "/api/v1/outbox/(?P<item>[0-9]{1,15})/retry", self.outbox_retry)
+        r.add("POST", "/api/v1/outbox/retry", self.outbox_retry_dead)
+        r.add("DELETE", "/api/v1/outbox", self.outbox_purge)
 
     def adopt(self, old: Api) -> None:
         """Keep the replay cache, rate buckets and stats of the Api this one replaces."""
@@ -534,6 +538,19 @@ class Api:
         if not self.backend.outbox_retry(item):
             raise HttpError(404, "not_found", "no dead delivery with that id")
         return Response(200, {"id": item, "status": "pending"})
+
+    def outbox_retry_dead(self, req: Request) -> Response:
+        """Every dead delivery again (``edgehook outbox retry --all-dead``)."""
+        self.check_api_token(req)
+        return Response(200, {"retried": self.backend.outbox_retry_dead()})
+
+    def outbox_purge(self, req: Request) -> Response:
+        """Delete the dead deliveries (``edgehook outbox purge``); only dead ones."""
+        self.check_api_token(req)
+        status = (req.query.get("status") or [None])[0]
+        if status != "dead":
+            raise HttpError(400, "bad_request", "only ?status=dead can be purged")
+        return Response(200, {"purged": self.backend.outbox_purge()})
 
     # -------------------------------------------------------------- status page
     def page(self, req: Request) -> Response:

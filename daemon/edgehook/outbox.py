@@ -166,6 +166,21 @@ def _attempt(now: float, status: int | None, error: str | None) -> str:
     return json.dumps({"at": rfc3339(now), "status": status, "error": error})
 
 
+def daemon_holds(path: str | Path) -> bool:
+    """True when a daemon holds the state directory of the outbox at `path`."""
+    try:
+        fd = os.open(Path(path).parent / LOCK_NAME, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # also drops a lock this probe got
+    return False
+
+
 class Outbox:
     """The SQLite outbox of one state directory; thread-safe, one connection and a lock."""
 
@@ -216,10 +231,9 @@ class Outbox:
             self._checkpointer = _Checkpointer(self.path)
         if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'deliveries'").fetchone() is None:
             db.executescript("BEGIN IMMEDIATE;" + _SCHEMA + "PRAGMA user_version = 1; COMMIT;")
+        self._counts = dict.fromkeys(STATUSES, 0)
+        self.recount()
         with self.tx() as c:
-            self._counts = dict.fromkeys(STATUSES, 0)
-            for status, n in c.execute("SELECT status, COUNT(*) FROM deliveries GROUP BY status"):
-                self._counts[status] = n
             if exclusive:
                 # Leases of a predecessor that crashed: nobody else can hold them now.
                 c.execute("UPDATE deliveries SET lease_until = 0"
@@ -521,6 +535,15 @@ class Outbox:
         """Rows per status, from counters kept up to date on every write (no query)."""
         with self._lock:
             return dict(self._counts)
+
+    def recount(self) -> dict[str, int]:
+        """Re-read the counters from the table (after another process wrote to it)."""
+        with self.tx() as c:
+            counts = dict.fromkeys(STATUSES, 0)
+            for status, n in c.execute("SELECT status, COUNT(*) FROM deliveries GROUP BY status"):
+                counts[status] = n
+            self._counts = counts
+        return dict(counts)
 
     def targets_with_pending(self) -> set[str]:
         """Targets that have at least one pending row."""
