@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import textwrap
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from edgehook.config import Config, load_config
 from edgehook.events import make_event, new_id, rfc3339
@@ -191,3 +194,14 @@ def test_event_ids_sort_in_time_order() -> None:
     assert same_ms == sorted(same_ms) and len(set(same_ms)) == 50
     assert len(ids[0]) == 26
     assert rfc3339(0.123) == "1970-01-01T00:00:00.123Z"
+
+
+@given(st.one_of(st.floats(0, 4e9), st.integers(0, 4_000_000_000).map(lambda s: s + 0.9999995),
+                 st.integers(1_700_000_000_000, 1_800_000_000_000).map(lambda ms: ms / 1000)))
+@settings(max_examples=2000, deadline=None)
+def test_rfc3339_per_second_cache_agrees_with_datetime(ts: float) -> None:
+    """The formatter caches the date and time to the second; the result must be what
+    datetime itself gives, milliseconds and the carry into the next second included."""
+    dt = datetime.fromtimestamp(ts, UTC)
+    assert rfc3339(ts) == dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+    assert rfc3339(ts) == rfc3339(ts)  # from the cache, the same

@@ -33,6 +33,7 @@ RECENT = 50
 # the SD card, cost a tenth of the burst's CPU, and run into journald's own rate limit,
 # which then drops lines: warnings included). Errors are always logged.
 LOG_EVENTS_PER_S = 20
+SUMMARY_AFTER = 1.0  # seconds of quiet after a burst before its "N more" line
 
 
 @dataclass(slots=True)
@@ -138,10 +139,15 @@ class Dispatcher:
 
     def _run(self) -> None:
         while True:
-            batch = self.bus.get_batch(BATCH, None)
+            # With events left unlogged, wait at most SUMMARY_AFTER: a quiet second ends
+            # the burst and gets its one summary line (under steady load the line comes
+            # once a second, from _log_allowed). Otherwise: sleep until an event comes.
+            batch = self.bus.get_batch(BATCH, SUMMARY_AFTER if self._log_unlogged else None)
             if not batch:
                 if self.bus.closed:
                     return
+                if self._log_unlogged:
+                    self._log_summary()
                 continue
             self._busy_since = time.monotonic()
             try:
@@ -150,8 +156,6 @@ class Dispatcher:
                 _LOG.exception("dispatcher: batch of %d events failed", len(batch))
             finally:
                 self._busy_since = None
-            if self._log_unlogged and not len(self.bus):
-                self._log_summary()  # the burst is over: say what the log left out
 
     def process(self, batch: Sequence[tuple[Event, Reply | None]]) -> None:
         """Evaluate a batch, store its webhooks in one transaction, then run the rest."""

@@ -37,21 +37,36 @@ def new_id(now: float | None = None) -> str:
     """
     global _last_ms, _last_rand
     ms = int((time.time() if now is None else now) * 1000)
+    # drawn before the lock: os.urandom is a system call, which lets other threads run
+    # while the lock is held (16 hook threads queued on it under load)
+    fresh = int.from_bytes(os.urandom(10), "big") & ~(1 << 79)  # room to count
     with _lock:
         if ms <= _last_ms:
             ms = _last_ms
             _last_rand = (_last_rand + 1) & ((1 << 80) - 1)
         else:
             _last_ms = ms
-            _last_rand = int.from_bytes(os.urandom(10), "big") & ~(1 << 79)  # room to count
+            _last_rand = fresh
         rand = _last_rand
     return _b32(ms, 10) + _b32(rand, 16)
 
 
+_second: tuple[int, str] = (-1, "")
+
+
 def rfc3339(ts: float) -> str:
     """RFC 3339 UTC with milliseconds and a Z: 2026-11-28T06:00:00.123Z."""
-    dt = datetime.fromtimestamp(ts, UTC)
-    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+    global _second
+    whole = int(ts // 1)
+    us = round((ts - whole) * 1e6)  # rounded to the microsecond as datetime does
+    if us >= 1_000_000:
+        whole, us = whole + 1, us - 1_000_000
+    ms = us // 1000
+    cached = _second  # one tuple: read and replaced whole, so threads cannot tear it
+    if cached[0] != whole:  # strftime once per second, not once per event
+        cached = (whole, datetime.fromtimestamp(whole, UTC).strftime("%Y-%m-%dT%H:%M:%S."))
+        _second = cached
+    return f"{cached[1]}{ms:03d}Z"
 
 
 @dataclass(frozen=True, slots=True)

@@ -80,6 +80,14 @@ def client_allowed(addr: str, nets: Iterable[ipaddress.IPv4Network | ipaddress.I
     nets = tuple(nets)
     if not nets:
         return True
+    return _client_allowed(addr, nets)
+
+
+@lru_cache(maxsize=256)
+def _client_allowed(addr: str, nets: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+                    ) -> bool:
+    # Cached: parsing the address costs more than the rest of a hook's checks, and a
+    # hook is called again and again from the same few clients.
     ip = parse_client(addr)
     if ip is None:
         return False
