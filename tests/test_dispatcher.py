@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import time
 
 import pytest
 
 from edgehook import dispatcher as dp
-from edgehook.dispatcher import Actions, Bus, Dispatcher
+from edgehook.dispatcher import Actions, Bus, Dispatcher, Reply
 from edgehook.events import Event, make_event
 from edgehook.rules import Plan
 
@@ -57,4 +58,87 @@ def test_steady_load_logs_a_summary_once_a_second_not_per_batch(
         assert len(summaries) <= seconds + 2, summaries  # one per second, not per batch
         assert len(events) <= 5 * (seconds + 2)
     finally:
+        d.stop()
+
+
+class Recording:
+    """An engine that records which event it saw, on which thread, and can be held."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str]] = []
+        self.hold = threading.Event()
+        self.hold.set()
+        self.held = threading.Event()
+
+    def evaluate(self, event: Event, states: dict) -> Plan:
+        if event.source == "slow":
+            self.held.set()
+            self.hold.wait(10)
+        self.seen.append((event.source, threading.current_thread().name))
+        return Plan(fired=["r"])
+
+
+def make(engine: Recording) -> tuple[Bus, Dispatcher]:
+    bus = Bus()
+    return bus, Dispatcher(bus, engine, Actions(  # type: ignore[arg-type]
+        store=lambda calls: None, set_output=lambda *a: {}, publish=lambda *a: None,
+        states=lambda: {}))
+
+
+def test_run_now_runs_on_the_callers_thread_when_nothing_is_queued() -> None:
+    engine = Recording()
+    bus, d = make(engine)
+    d.start()
+    try:
+        reply = Reply()
+        d.run_now(make_event("hook.received", "sync"), reply, 5.0)
+        assert reply.done.is_set() and reply.fired == ["r"]
+        assert engine.seen == [("sync", threading.current_thread().name)]
+        assert d.events_total == 1 and d.recent[0]["source"] == "sync"
+    finally:
+        d.stop()
+
+
+def test_run_now_waits_behind_queued_events() -> None:
+    engine = Recording()
+    bus, d = make(engine)
+    bus.put(make_event("hook.received", "queued-1"))
+    bus.put(make_event("hook.received", "queued-2"))
+    reply = Reply()
+    caller = threading.Thread(target=d.run_now,
+                              args=(make_event("hook.received", "sync"), reply, 5.0))
+    caller.start()
+    deadline = time.monotonic() + 5
+    while len(bus) < 3 and time.monotonic() < deadline:  # queued behind the two
+        time.sleep(0.01)
+    assert len(bus) == 3 and not reply.done.is_set()
+    d.start()
+    try:
+        caller.join(5)
+        assert reply.done.is_set()
+        assert [s for s, _ in engine.seen] == ["queued-1", "queued-2", "sync"]
+        assert {t for _, t in engine.seen} == {"edgehook-dispatcher"}
+    finally:
+        d.stop()
+
+
+def test_run_now_behind_a_hung_batch_queues_the_event_and_returns() -> None:
+    engine = Recording()
+    engine.hold.clear()
+    bus, d = make(engine)
+    d.start()
+    try:
+        bus.put(make_event("hook.received", "slow"))
+        assert engine.held.wait(5)
+        reply = Reply()
+        t0 = time.monotonic()
+        d.run_now(make_event("hook.received", "sync"), reply, 0.3)
+        assert 0.25 < time.monotonic() - t0 < 3
+        assert not reply.done.is_set() and len(bus) == 1  # queued, not lost
+        assert d.stalled_for() > 0.25
+        engine.hold.set()
+        assert reply.done.wait(5)
+        assert [s for s, _ in engine.seen] == ["slow", "sync"]
+    finally:
+        engine.hold.set()
         d.stop()

@@ -292,7 +292,7 @@ class Daemon:
         return {"device": {"id": self.cfg.device.id, "name": self.cfg.device.name},
                 "backend": self.gpio.backend, "version": __version__,
                 "inputs": self.gpio.input_states(), "outputs": self.gpio.output_states(),
-                "mqtt": self.mqtt.status() if self.mqtt is not None else None,
+                "mqtt": self._mqtt_status(),
                 "outbox": self.outbox.counts(),
                 # a target that answered 410 Gone is flagged until it delivers again
                 "webhooks": {name: {"gone": name in gone} for name in self.cfg.webhooks},
@@ -319,8 +319,8 @@ class Daemon:
         checks["sender"] = "ok" if age < 120 else f"no heartbeat for {age:.0f} s"
         if age >= 120:
             problems.append(f"sender: no heartbeat for {age:.0f} s")
-        if self.mqtt is not None:
-            st = self.mqtt.status()
+        st = self._mqtt_status()
+        if st is not None:
             if st.get("connected"):
                 checks["mqtt"] = "connected"
             else:
@@ -372,9 +372,19 @@ class Daemon:
             self.bus.put(event)
             return None
         reply = Reply()
-        self.bus.put(event, reply)
-        reply.done.wait(wait)
+        self.dispatcher.run_now(event, reply, wait)
         return reply
+
+    def _mqtt_status(self) -> dict[str, Any] | None:
+        """The link's status; None without `mqtt:`. Between READY and the link's start
+        (a few ms, see start()) a configured link reads as not connected yet."""
+        link = self.mqtt
+        if link is not None:
+            return link.status()
+        if self.cfg.mqtt is None:
+            return None
+        return {"connected": False, "subscribed": False, "since": None, "queued": 0,
+                "dropped": 0}
 
     @staticmethod
     def _seconds_since(stamp: str | None, fallback: float) -> float:
@@ -395,7 +405,7 @@ class Daemon:
         """A snapshot of the counters for /metrics (metrics.daemon_families renders it)."""
         return {"version": __version__, "started_at": self.started_at,
                 "counters": dict(self.counters), "outbox": self.outbox.counts(),
-                "mqtt": self.mqtt.status() if self.mqtt is not None else None,
+                "mqtt": self._mqtt_status(),
                 "dropped": self.bus.dropped, "queued": len(self.bus),
                 "store_failures": self.dispatcher.store_failures,
                 "latency": self.delivery_latency,

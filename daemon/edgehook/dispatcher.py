@@ -1,8 +1,14 @@
 """The event bus and the one dispatcher thread: events in, rules evaluated, actions run.
 
 Sources (pins, MQTT, HTTP, timers) only `put()`; everything else happens here, in
-order, on one thread. Webhook actions of a whole batch of events go to the outbox in
-one transaction (group commit) before any of those events counts as handled.
+order, one batch at a time. Webhook actions of a whole batch of events go to the
+outbox in one transaction (group commit) before any of those events counts as handled.
+
+One exception to "on the dispatcher thread": a synchronous hook, whose HTTP thread
+waits for the result anyway, runs its event itself when nothing is queued ahead of
+it (:meth:`Dispatcher.run_now`), holding the same one-batch-at-a-time lock. That
+saves two thread hand-offs per request, which at 16 concurrent connections is the
+difference between a p99 of 11-12 ms and 9.4-10 ms (issue 6).
 """
 
 from __future__ import annotations
@@ -72,11 +78,27 @@ class Bus:
 
     def get_batch(self, limit: int, timeout: float | None) -> list[tuple[Event, Reply | None]]:
         """Wait for at least one event (or close/timeout) and take up to `limit`."""
+        self.wait(timeout)
+        return self.take(limit)
+
+    def wait(self, timeout: float | None) -> bool:
+        """Wait until an event is queued, the bus closes, `timeout` passes or someone
+        calls :meth:`nudge`; True when an event is queued."""
         with self._cond:
             if not self._q and not self.closed:
                 self._cond.wait(timeout)
+            return bool(self._q)
+
+    def take(self, limit: int) -> list[tuple[Event, Reply | None]]:
+        """Up to `limit` queued events, oldest first, without waiting."""
+        with self._cond:
             n = min(limit, len(self._q))
             return [self._q.popleft() for _ in range(n)]
+
+    def nudge(self) -> None:
+        """Wake a :meth:`wait` so that its caller looks at its own state again."""
+        with self._cond:
+            self._cond.notify_all()
 
     def close(self) -> None:
         with self._cond:
@@ -115,6 +137,11 @@ class Dispatcher:
         self._log_second = 0       # the second (monotonic) the event-line budget is for
         self._log_budget = LOG_EVENTS_PER_S
         self._log_unlogged = 0     # events past the budget since the last summary
+        self._last_done = 0.0      # when the last batch finished (monotonic)
+        # Held while a batch runs, by the dispatcher thread or by run_now's caller;
+        # the dispatcher takes events off the bus only while holding it, so an event
+        # run_now sees no queue ahead of has none.
+        self._turn = threading.Lock()
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="edgehook-dispatcher",
@@ -142,20 +169,56 @@ class Dispatcher:
             # With events left unlogged, wait at most SUMMARY_AFTER: a quiet second ends
             # the burst and gets its one summary line (under steady load the line comes
             # once a second, from _log_allowed). Otherwise: sleep until an event comes.
-            batch = self.bus.get_batch(BATCH, SUMMARY_AFTER if self._log_unlogged else None)
-            if not batch:
+            timeout = None
+            if self._log_unlogged:
+                timeout = self._last_done + SUMMARY_AFTER - time.monotonic()
+                if timeout <= 0:
+                    with self._turn:
+                        if self._log_unlogged:
+                            self._log_summary()
+                    continue
+            if not self.bus.wait(timeout):
                 if self.bus.closed:
                     return
-                if self._log_unlogged:
-                    self._log_summary()
                 continue
-            self._busy_since = time.monotonic()
-            try:
-                self.process(batch)
-            except Exception:
-                _LOG.exception("dispatcher: batch of %d events failed", len(batch))
-            finally:
-                self._busy_since = None
+            with self._turn:
+                batch = self.bus.take(BATCH)
+                if batch:
+                    self._process_guarded(batch)
+
+    def run_now(self, event: Event, reply: Reply, wait: float) -> None:
+        """Run `event` on the calling thread if nothing is queued ahead of it, else queue
+        it; either way `reply` is done once its actions ran (or not within `wait`)."""
+        deadline = time.monotonic() + wait
+        if not self._turn.acquire(timeout=wait):  # a batch hangs: queue it behind
+            self.bus.put(event, reply)
+            return
+        try:
+            inline = not len(self.bus) and not self.bus.closed
+            if inline:
+                self._process_guarded([(event, reply)])
+        finally:
+            self._turn.release()
+        if not inline:
+            self.bus.put(event, reply)  # behind what is queued: order kept
+            reply.done.wait(max(0.0, deadline - time.monotonic()))
+        elif self._log_unlogged:
+            self.bus.nudge()  # the dispatcher thread times this burst's summary line
+
+    def _process_guarded(self, batch: Sequence[tuple[Event, Reply | None]]) -> None:
+        """:meth:`process` with the stall clock running; the caller holds ``_turn``."""
+        self._busy_since = time.monotonic()
+        try:
+            self.process(batch)
+        except Exception:
+            _LOG.exception("dispatcher: batch of %d events failed", len(batch))
+            for _, reply in batch:
+                if reply is not None and not reply.done.is_set():
+                    reply.errors.append("internal error (logged)")
+                    reply.done.set()
+        finally:
+            self._busy_since = None
+            self._last_done = time.monotonic()
 
     def process(self, batch: Sequence[tuple[Event, Reply | None]]) -> None:
         """Evaluate a batch, store its webhooks in one transaction, then run the rest."""
