@@ -99,24 +99,37 @@ def test_run_now_runs_on_the_callers_thread_when_nothing_is_queued() -> None:
         d.stop()
 
 
-def test_run_now_waits_behind_queued_events() -> None:
+def test_run_now_runs_the_few_events_queued_ahead_first() -> None:
     engine = Recording()
-    bus, d = make(engine)
+    bus, d = make(engine)  # not started: only run_now takes events off the bus
     bus.put(make_event("hook.received", "queued-1"))
     bus.put(make_event("hook.received", "queued-2"))
+    reply = Reply()
+    d.run_now(make_event("hook.received", "sync"), reply, 5.0)
+    assert reply.done.is_set()
+    assert [s for s, _ in engine.seen] == ["queued-1", "queued-2", "sync"]  # order kept
+    assert len(bus) == 0 and d.events_total == 3
+
+
+def test_run_now_waits_behind_a_long_queue(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dp, "HELP_MAX", 2)
+    engine = Recording()
+    bus, d = make(engine)
+    for i in range(3):
+        bus.put(make_event("hook.received", f"queued-{i}"))
     reply = Reply()
     caller = threading.Thread(target=d.run_now,
                               args=(make_event("hook.received", "sync"), reply, 5.0))
     caller.start()
     deadline = time.monotonic() + 5
-    while len(bus) < 3 and time.monotonic() < deadline:  # queued behind the two
+    while len(bus) < 4 and time.monotonic() < deadline:  # queued behind the three
         time.sleep(0.01)
-    assert len(bus) == 3 and not reply.done.is_set()
+    assert len(bus) == 4 and not reply.done.is_set()
     d.start()
     try:
         caller.join(5)
         assert reply.done.is_set()
-        assert [s for s, _ in engine.seen] == ["queued-1", "queued-2", "sync"]
+        assert [s for s, _ in engine.seen] == ["queued-0", "queued-1", "queued-2", "sync"]
         assert {t for _, t in engine.seen} == {"edgehook-dispatcher"}
     finally:
         d.stop()
