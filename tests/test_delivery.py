@@ -547,6 +547,26 @@ def test_rows_offered_while_reading_the_database_go_once_in_order(box, rx) -> No
     assert seqs(rx) == list(range(300))
 
 
+def test_a_thread_backing_off_keeps_no_rows_in_memory(box, rx, monkeypatch) -> None:
+    monkeypatch.setattr(delivery, "BACKOFF_FIRST", (0.5, 0.5))
+    rx.script(503)
+    sender = Sender(box, {"t": target("t", rx)})
+    sender.start()
+    try:
+        worker = sender._workers["t"]
+        wait_until(lambda: worker.in_sync, what="in sync")
+        offer(box, sender, "t", rx, 1)
+        rx.wait_for(1)
+        wait_until(lambda: not worker.in_sync, what="out of sync: backing off")
+        for i in range(1, 30, 5):
+            offer(box, sender, "t", rx, 5, start=i)
+            assert len(worker.inbox) == 0  # in the database only
+        wait_until(lambda: box.counts()["delivered"] == 31, what="all delivered")
+        assert seqs(rx) == [0, *range(31)]
+    finally:
+        sender.stop(1)
+
+
 def test_an_overfull_inbox_is_read_back_from_the_database(box, rx, monkeypatch) -> None:
     monkeypatch.setattr(delivery, "INBOX_MAX", 5)
     sender = Sender(box, {"t": target("t", rx)})

@@ -53,7 +53,7 @@ BACKOFF_FIRST = (1.0, 5.0)  # the first retry comes within this window (seconds)
 BACKOFF_CAP = 300.0         # no wait between attempts is longer than this
 BATCH = 50                  # rows claimed at once (and marked delivered in one commit)
 LEASE = 300.0               # a claim's lease; only a dead thread's rows ever wait it out
-INBOX_MAX = 1000            # rows handed over in memory beyond this are read back instead
+INBOX_MAX = 256             # rows handed over in memory beyond this are read back instead
 ERROR_PAUSE = 1.0           # after an outbox error (disk full), wait this long, doubling
 MAX_RESPONSE = 1 << 20      # larger response bodies are not read; the connection is dropped
 USER_AGENT = f"edgehook/{__version__}"
@@ -536,8 +536,13 @@ class _Worker:
                                        daemon=True)
 
     def offer(self, rows: Sequence[RowLike]) -> None:
-        """Committed new rows of this target (called by the storing thread)."""
-        if len(self.inbox) + len(rows) > INBOX_MAX:
+        """Committed new rows of this target (called by the storing thread).
+
+        Kept only while the thread is in sync and the inbox has room; otherwise they
+        are read back from the database (``dirty``), so a target that is down or
+        slow never holds row bodies in memory beyond ``INBOX_MAX`` rows.
+        """
+        if not self.in_sync or len(self.inbox) + len(rows) > INBOX_MAX:
             self.dirty = True  # they are in the database; read them from there
         else:
             self.inbox.extend(rows)
