@@ -385,6 +385,7 @@ def test_queries_that_grow_with_the_table_use_an_index(box: Outbox) -> None:
         box.claim("t", 10, now)
         box.next_due("t")
         box.targets_with_pending()
+        box.recount()
     finally:
         box._db.set_trace_callback(None)
     statements = [s for s in sqls if s.split()[0].upper() in ("SELECT", "UPDATE", "DELETE")

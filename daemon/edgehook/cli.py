@@ -202,7 +202,6 @@ def _outbox(cfg: Config, args: argparse.Namespace) -> int:
         done = _outbox_via_api(cfg, args)
         if done is not None:
             return done
-    running = daemon_holds(path)  # and its API did not answer
     box = Outbox(path, exclusive=False)
     try:
         if args.outbox_command == "list":
@@ -223,7 +222,7 @@ def _outbox(cfg: Config, args: argparse.Namespace) -> int:
                 print(f"delivery {args.id} queued again")
         else:
             print(f"{box.purge('dead')} dead deliveries purged")
-        if running:
+        if daemon_holds(path):  # a daemon runs, and its API did not answer
             print("edgehook: the daemon's API did not answer: it picks this change up at its "
                   "next reload (systemctl reload edgehook) or restart", file=sys.stderr)
         return EXIT_OK

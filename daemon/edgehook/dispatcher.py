@@ -77,11 +77,6 @@ class Bus:
             self._q.append((event, reply))
             self._cond.notify()
 
-    def get_batch(self, limit: int, timeout: float | None) -> list[tuple[Event, Reply | None]]:
-        """Wait for at least one event (or close/timeout) and take up to `limit`."""
-        self.wait(timeout)
-        return self.take(limit)
-
     def wait(self, timeout: float | None) -> bool:
         """Wait until an event is queued, the bus closes, `timeout` passes or someone
         calls :meth:`nudge`; True when an event is queued."""

@@ -116,6 +116,10 @@ SCHEMA_VERSION = 2
 # Version 1 had one index over every row's status; each new row wrote a page of it
 # too: dropping it took an add() from 79 to 68 us (p50) and 395 to 290 us (p99).
 _MIGRATIONS = {2: "DROP INDEX IF EXISTS deliveries_status;"}
+# Each status's rows have an index of their own; naming it lets SQLite read only it
+# (counting, listing) rather than walk a table that holds a day of delivered rows.
+_STATUS_INDEX = {"pending": "deliveries_pending", "dead": "deliveries_dead",
+                 "delivered": "deliveries_delivered"}
 
 _ROW_COLUMNS = ("id, webhook_id, event_id, target, url, method, headers, body, content_type, "
                 "attempts, max_attempts, created_at, next_attempt_at, deadline")
@@ -242,7 +246,6 @@ class Outbox:
                              " COMMIT;")
         else:
             self._migrate(db)
-        self._counts = dict.fromkeys(STATUSES, 0)
         self.recount()
         with self.tx() as c:
             if exclusive:
@@ -562,9 +565,9 @@ class Outbox:
     def recount(self) -> dict[str, int]:
         """Re-read the counters from the table (after another process wrote to it)."""
         with self.tx() as c:
-            counts = dict.fromkeys(STATUSES, 0)
-            for status, n in c.execute("SELECT status, COUNT(*) FROM deliveries GROUP BY status"):
-                counts[status] = n
+            counts = {status: c.execute(
+                f"SELECT COUNT(*) FROM deliveries INDEXED BY {_STATUS_INDEX[status]}"
+                f" WHERE status = '{status}'").fetchone()[0] for status in STATUSES}
             self._counts = counts
         return dict(counts)
 
@@ -585,8 +588,8 @@ class Outbox:
         # A literal (checked above), not a parameter, and the partial index named: a
         # few pending or dead rows among a day of delivered ones are found through
         # their own index, not by walking the table back from the newest row.
-        index = {"pending": "deliveries_pending", "dead": "deliveries_dead"}[status]
-        return self._select(f"INDEXED BY {index} WHERE status = '{status}'", (), limit)
+        return self._select(f"INDEXED BY {_STATUS_INDEX[status]} WHERE status = '{status}'",
+                            (), limit)
 
     def get(self, id: int) -> dict[str, Any] | None:
         """One row in the :meth:`list` shape, or None."""
