@@ -8,6 +8,8 @@ import hmac
 import json
 import random
 import sqlite3
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from email.utils import formatdate
@@ -583,6 +585,119 @@ def test_an_overfull_inbox_is_read_back_from_the_database(box, rx, monkeypatch) 
         assert seqs(rx) == list(range(40))
     finally:
         sender.stop(1)
+
+
+def new_rows(name: str, rx: Receiver, n: int, start: int) -> list[NewDelivery]:
+    return [NewDelivery(
+        target=name, event_id=f"ev{i}", url=rx.url + f"/hook?seq={i}", method="POST",
+        headers={"X-Seq": str(i)}, body=json.dumps({"seq": i}).encode(),
+        content_type="application/json", max_attempts=12, max_age=900.0)
+        for i in range(start, start + n)]
+
+
+def hand_over(box: Outbox, sender: Sender, name: str, rx: Receiver, n: int = 1, *,
+              start: int = 0, inside: Callable[[], None] | None = None) -> list[int]:
+    """Store rows as the daemon does: handed over inside the transaction, before
+    COMMIT; `inside` runs there too, after the hand-over."""
+    def before_commit(rows: list[Any]) -> None:
+        offer_now(rows)
+        if inside is not None:
+            inside()
+
+    with sender.handing_over() as offer_now:
+        rows = box.add_rows(new_rows(name, rx, n, start), before_commit=before_commit)
+    return [r.id for r in rows]
+
+
+def running_in(thread: threading.Thread, function: str) -> bool:
+    """True when `function` is on `thread`'s stack right now."""
+    frame = sys._current_frames().get(thread.ident or -1)
+    while frame is not None:
+        if frame.f_code.co_name == function:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def test_a_request_goes_out_while_its_commit_is_written(box, rx) -> None:
+    """The request of a row handed over before COMMIT reaches the receiver before
+    the transaction ends; its outcome is recorded only after the commit."""
+    counting = CountingOutbox(box)
+    sender = Sender(counting, {"t": target("t", rx)})  # type: ignore[arg-type]
+    sender.start()
+    try:
+        worker = sender._workers["t"]
+        wait_until(lambda: worker.in_sync and worker.sleeping, what="asleep, in sync")
+        counting.calls.clear()
+
+        def inside() -> None:  # still inside the transaction
+            rx.wait_for(1)  # the request arrived before COMMIT
+            wait_until(lambda: running_in(worker.thread, "_committed"),
+                       what="the thread waiting for the commit")
+            assert counting.calls == []  # nothing recorded yet
+
+        ids = hand_over(box, sender, "t", rx, inside=inside)
+        wait_until(lambda: box.counts()["delivered"] == 1, what="recorded after the commit")
+        assert counting.calls == ["mark_delivered"]  # no claim, no read-back
+        assert box.get(ids[0])["attempts"] == 1 and seqs(rx) == [0]
+    finally:
+        sender.stop(1)
+
+
+def test_a_rolled_back_hand_over_records_nothing_and_its_ids_come_back(box, rx) -> None:
+    """A transaction that fails after its rows were handed over: the request that went
+    out is not recorded, and the row ids SQLite gives out again are not mistaken
+    for rows already sent."""
+    sender = Sender(box, {"t": target("t", rx)})
+    sender.start()
+    try:
+        worker = sender._workers["t"]
+        wait_until(lambda: worker.in_sync and worker.sleeping, what="asleep, in sync")
+
+        def inside() -> None:
+            rx.wait_for(1)
+            raise OSError("disk I/O error")
+
+        with pytest.raises(OSError):
+            hand_over(box, sender, "t", rx, inside=inside)
+        wait_until(lambda: worker.sleeping and not worker.inbox, what="the thread idle")
+        assert box.counts()["pending"] == 0 and box.counts()["delivered"] == 0
+        ids = offer(box, sender, "t", rx, start=1)
+        assert ids == [1]  # the id of the rolled-back row, given out again
+        wait_until(lambda: box.counts()["delivered"] == 1, what="the new row delivered")
+        assert seqs(rx) == [0, 1] and worker.in_sync
+    finally:
+        sender.stop(1)
+
+
+def test_rows_handed_over_early_while_reading_the_database_go_once_in_order(box, rx) -> None:
+    """As for committed offers: rows handed over before their commit while the thread
+    reads the queue from the database are sent once, in order."""
+    sender = Sender(box, {"t": target("t", rx)})
+    hand_over(box, sender, "t", rx, 30)  # before start: only in the database
+    sender.start()
+    for i in range(30, 300, 10):
+        hand_over(box, sender, "t", rx, 10, start=i)
+    wait_until(lambda: box.counts()["delivered"] == 300, what="all delivered")
+    sender.stop(1)
+    assert seqs(rx) == list(range(300))
+
+
+def test_a_row_handed_over_early_and_also_read_from_the_database_goes_once(box, rx) -> None:
+    """The narrow race of an early hand-over: a thread leaving sync empties its inbox,
+    the rows land in it anyway, and its database read (waiting for that commit) sends
+    them. Met again in the inbox, they are known by their ids and skipped."""
+    sender = Sender(box, {"t": target("t", rx)})  # not started: the thread is driven here
+    worker = delivery._Worker(sender, "t", target("t", rx))
+    sender._workers["t"] = worker
+    worker.in_sync, worker.dirty = True, False
+    hand_over(box, sender, "t", rx, 2)  # into the inbox, early
+    assert len(worker.inbox) == 2
+    assert worker._round() is None  # the database read sends both
+    assert seqs(rx) == [0, 1]
+    worker._send_inbox(target("t", rx))  # the same rows, met again in the inbox
+    assert seqs(rx) == [0, 1] and not worker.inbox
+    assert box.counts()["delivered"] == 2
 
 
 def test_unsendable_requests_are_final_and_quote_no_secret(box, rx, make_sender) -> None:

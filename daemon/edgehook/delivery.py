@@ -27,6 +27,7 @@ name the target and the webhook-id, never the URL (a Discord URL is a credential
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import ipaddress
 import logging
@@ -37,7 +38,7 @@ import ssl
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC
 from typing import Protocol
 from urllib.parse import urlsplit
@@ -492,6 +493,13 @@ def _read_chunked(sock: _Reader, buf: bytes) -> bool:
         buf = buf[size + 2:]
 
 
+def _by_target(rows: Sequence[RowLike]) -> dict[str, list[RowLike]]:
+    by_target: dict[str, list[RowLike]] = {}
+    for row in rows:
+        by_target.setdefault(row.target, []).append(row)
+    return by_target
+
+
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return "timeout"
@@ -500,6 +508,16 @@ def _describe(exc: BaseException) -> str:
 
 
 # --------------------------------------------------------------------------- threads
+
+class _Commit:
+    """The fate of a transaction whose rows were handed over before it committed."""
+
+    __slots__ = ("done", "ok")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.ok = False
+
 
 class _Worker:
     """The sender thread of one target.
@@ -514,8 +532,15 @@ class _Worker:
     per state directory, and a crash clears leases anyway). That saves two of the
     four transactions a delivery cost and a thread's worth of latency (issue 6).
     Any failed attempt, or an inbox past ``INBOX_MAX`` rows, drops it back to
-    database mode; row ids only grow, so ``high`` (the last id taken) tells a row
-    already sent from one seen again.
+    database mode; committed row ids only grow, so ``high`` (the last committed id
+    taken) tells a row already sent from one seen again.
+
+    Rows can even arrive before their commit (:meth:`Sender.handing_over`): the
+    thread sends them while the commit is written and waits for it only to record
+    the outcome, and ``high`` counts them only once it held (ids of a transaction
+    that rolled back are given out again). Throwing the inbox away stays safe: the
+    thread's next database read waits for that transaction (the outbox's lock), so
+    it finds those rows.
     """
 
     def __init__(self, sender: Sender, name: str, config: WebhookConfig | None) -> None:
@@ -528,10 +553,11 @@ class _Worker:
         self.conn = _Connection(sender.tls_context)
         self.unmarked: list[tuple[int, int]] = []  # delivered, not yet recorded
         self.unreleased: list[int] = []  # claimed, not attempted, lease not yet given back
-        self.inbox: deque[RowLike] = deque()  # committed rows handed over by offer()
+        # rows handed over in memory, each with its commit (None: committed already)
+        self.inbox: deque[tuple[RowLike, _Commit | None]] = deque()
         self.in_sync = False  # the inbox is the whole queue (see the class docstring)
         self.dirty = True  # set by other threads: the queue changed; read the database
-        self.high = 0  # the highest row id this thread has taken
+        self.high = 0  # the highest committed row id this thread has taken
         self.thread = threading.Thread(target=self._run, name=f"edgehook-send-{name}",
                                        daemon=True)
 
@@ -545,8 +571,17 @@ class _Worker:
         if not self.in_sync or len(self.inbox) + len(rows) > INBOX_MAX:
             self.dirty = True  # they are in the database; read them from there
         else:
-            self.inbox.extend(rows)
+            self.inbox.extend((row, None) for row in rows)
         self.wakeup.set()
+
+    def offer_early(self, rows: Sequence[RowLike], commit: _Commit) -> bool:
+        """Rows whose transaction is about to commit: taken only by a thread in sync
+        with room in its inbox; False means "offer them once committed"."""
+        if not self.in_sync or len(self.inbox) + len(rows) > INBOX_MAX:
+            return False
+        self.inbox.extend((row, commit) for row in rows)
+        self.wakeup.set()
+        return True
 
     # The loop ------------------------------------------------------------
 
@@ -605,11 +640,15 @@ class _Worker:
         """In sync: send the handed-over rows in order; a failed one ends the sync."""
         inbox = self.inbox
         while inbox and not self.dirty and not self.sender._stopping.is_set():
-            row = inbox.popleft()
+            row, commit = inbox.popleft()
             if row.id <= self.high:
                 continue  # already taken from the database
-            self.high = row.id
-            if not self._deliver(row, cfg):
+            if commit is not None and commit.done.is_set() and not commit.ok:
+                continue  # its transaction rolled back: the row never existed
+            sent = self._deliver(row, cfg, commit)
+            if commit is None or commit.ok:  # (_deliver waited for the commit)
+                self.high = max(self.high, row.id)
+            if not sent:
                 self.in_sync = False
                 inbox.clear()  # all in the database, behind the row backing off
                 break
@@ -663,12 +702,27 @@ class _Worker:
             self._flush()
         return outbox.next_due(self.name)
 
-    def _deliver(self, row: RowLike, cfg: WebhookConfig) -> bool:
+    def _committed(self, row: RowLike, commit: _Commit | None) -> bool:
+        """Before recording anything about `row`: wait for its commit if it was handed
+        over early; False when that transaction rolled back (nothing to record)."""
+        if commit is None:
+            return True
+        commit.done.wait()
+        if not commit.ok:
+            _LOG.warning("delivery %s to %s: its outbox write failed (the event's log line "
+                         "says why); an attempt that already went out is not recorded",
+                         row.webhook_id, self.name)
+        return commit.ok
+
+    def _deliver(self, row: RowLike, cfg: WebhookConfig,
+                 commit: _Commit | None = None) -> bool:
         """Attempt one row; False when it is to be retried later (stop this round)."""
         sender = self.sender
         outbox = sender.outbox
         now = time.time()
         if now > row.deadline or row.attempts >= row.max_attempts:
+            if not self._committed(row, commit):
+                return True
             why = ("max_age exceeded before the attempt" if now > row.deadline
                    else f"max_attempts ({row.max_attempts}) reached")
             self._flush()
@@ -688,6 +742,8 @@ class _Worker:
         else:
             result = self.conn.send(row.method, row.url, headers, row.body, cfg.timeout)
         latency = time.monotonic() - start
+        if not self._committed(row, commit):
+            return True
         self.beat = time.monotonic()
         now = time.time()
         status = result.status
@@ -806,14 +862,50 @@ class Sender:
 
     def offer(self, rows: Sequence[RowLike]) -> None:
         """Rows just committed to the outbox: hand them to their targets' threads."""
-        by_target: dict[str, list[RowLike]] = {}
-        for row in rows:
-            by_target.setdefault(row.target, []).append(row)
         workers = self._workers
-        for name, batch in by_target.items():
+        for name, batch in _by_target(rows).items():
             worker = workers.get(name)
             if worker is not None:
                 worker.offer(batch)
+
+    @contextlib.contextmanager
+    def handing_over(self) -> Iterator[Callable[[Sequence[RowLike]], None]]:
+        """Hand rows over while their transaction commits (issue 6).
+
+        Yields the function to call inside the transaction, once the rows have their
+        ids and before COMMIT (``Outbox.add_rows(before_commit=...)``). A thread in
+        sync starts sending at once, so the request is on the wire while the commit
+        is written instead of after it; it records the outcome only once the commit
+        held. The block's end settles it: rows a thread could not take early are
+        offered now, as committed rows (a thread that read the database before the
+        commit would have missed them). If the block raises, nothing was stored; an
+        attempt that already went out is not recorded, and the error goes up to the
+        caller. This relies on the outbox running `before_commit` under the lock its
+        reads take, as :class:`~edgehook.outbox.Outbox` does: a thread that throws
+        its inbox away meanwhile reads the rows back once they are committed.
+
+        Durability is unchanged: a row is safe once committed, and a crash before
+        the commit loses the event in either order (only now its webhook may have
+        arrived anyway).
+        """
+        commit = _Commit()
+        late: list[RowLike] = []
+
+        def offer(rows: Sequence[RowLike]) -> None:
+            workers = self._workers
+            for name, batch in _by_target(rows).items():
+                worker = workers.get(name)
+                if worker is not None and not worker.offer_early(batch, commit):
+                    late.extend(batch)
+
+        try:
+            yield offer
+        except BaseException:
+            commit.done.set()  # ok stays False
+            raise
+        commit.ok = True
+        commit.done.set()
+        self.offer(late)
 
     def reload(self, targets: Mapping[str, WebhookConfig]) -> None:
         """Swap in a new config snapshot: new threads for new targets; removed targets'

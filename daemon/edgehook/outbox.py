@@ -55,7 +55,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -360,11 +360,15 @@ class Outbox:
         """Store deliveries, all in one transaction (a group commit); returns their ids."""
         return [row.id for row in self.add_rows(items, now)]
 
-    def add_rows(self, items: Sequence[NewDelivery], now: float | None = None) -> list[Row]:
+    def add_rows(self, items: Sequence[NewDelivery], now: float | None = None, *,
+                 before_commit: Callable[[list[Row]], None] | None = None) -> list[Row]:
         """:meth:`add`, returning the stored rows as :meth:`claim` would (for the sender).
 
-        Raises ``OutboxFull`` (storing none of them) when the row cap or the disk
-        headroom would be crossed.
+        `before_commit` gets the rows, with their ids, inside the transaction just
+        before COMMIT (``Sender.handing_over``); it must not use the outbox, and it
+        is for a top-level call only (a nested one commits with the outer
+        transaction). Raises ``OutboxFull`` (storing none of them) when the row cap
+        or the disk headroom would be crossed.
         """
         if not items:
             return []
@@ -388,12 +392,14 @@ class Outbox:
                     " body, content_type, max_attempts, max_age, created_at, next_attempt_at,"
                     " deadline) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
                 # AUTOINCREMENT under the write lock: one batch gets consecutive ids.
-                last = c.execute("SELECT last_insert_rowid()").fetchone()[0]
+                first = c.execute("SELECT last_insert_rowid()").fetchone()[0] - len(items) + 1
+                stored = [Row(first + i, r[0], d.event_id, d.target, d.url, d.method,
+                              dict(d.headers), r[6], d.content_type, 0, r[8], now, now, r[12])
+                          for i, (r, d) in enumerate(zip(rows, items, strict=True))]
+                if before_commit is not None:
+                    before_commit(stored)
             self._apply({"pending": len(items)})
-        first = last - len(items) + 1
-        return [Row(first + i, r[0], d.event_id, d.target, d.url, d.method, dict(d.headers),
-                    r[6], d.content_type, 0, r[8], now, now, r[12])
-                for i, (r, d) in enumerate(zip(rows, items, strict=True))]
+        return stored
 
     def claim(self, target: str, limit: int, now: float, lease: float = LEASE) -> list[Row]:
         """Lease the due head of a target's queue, oldest first.
