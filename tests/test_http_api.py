@@ -610,6 +610,64 @@ def test_slow_client_does_not_block_others(daemon: Daemon) -> None:
     s.close()
 
 
+def test_a_body_that_does_not_come_holds_the_others_up_only_briefly(daemon: Daemon) -> None:
+    """Requests take turns (http_api._Turnstile); one stuck in its turn, waiting for a
+    body that never comes, delays the others by TURN_PATIENCE, not by http.timeout."""
+    s = socket.create_connection(daemon.http.address, timeout=10)
+    t0 = time.monotonic()
+    s.sendall(b"POST /hooks/open HTTP/1.1\r\nContent-Type: application/json\r\n"
+              b"Content-Length: 10\r\n\r\n{}")  # 2 of 10 bytes: its turn waits for 8 more
+    session = requests.Session()
+    session.get(base(daemon) + "/healthz", timeout=1.0)  # the slow one has its turn now
+    times = []
+    for _ in range(10):
+        start = time.monotonic()
+        r = session.get(base(daemon) + "/healthz", timeout=1.0)
+        times.append(time.monotonic() - start)
+        assert r.status_code == 200
+    assert time.monotonic() - t0 < 1.5  # all done long before the slow one's 2 s deadline
+    assert max(times) < 0.5, times
+    s.settimeout(4)
+    assert status_of(s.recv(4096)) == 408  # cut off at http.timeout
+    s.close()
+
+
+def test_turnstile_serves_in_arrival_order_and_gives_up_after_its_patience() -> None:
+    from edgehook.http_api import _Turnstile
+
+    gate = _Turnstile(patience=10.0)
+    assert gate.enter()  # free: the turn at once
+    order: list[int] = []
+
+    def take(i: int) -> None:
+        assert gate.enter()
+        order.append(i)
+        gate.leave()
+
+    threads = []
+    for i in range(8):
+        t = threading.Thread(target=take, args=(i,))
+        t.start()
+        threads.append(t)
+        deadline = time.monotonic() + 5
+        while len(gate._queue) < i + 1:  # queued in this order
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+    gate.leave()
+    for t in threads:
+        t.join(5)
+    assert order == list(range(8))
+
+    impatient = _Turnstile(patience=0.05)
+    assert impatient.enter()
+    start = time.monotonic()
+    assert impatient.enter() is False  # went ahead without the turn
+    assert 0.04 < time.monotonic() - start < 1.0
+    assert not impatient._queue  # and left the queue
+    impatient.leave()
+    assert impatient.enter()  # the turn is free again
+
+
 def test_connection_cap_answers_503_quickly() -> None:
     api = Api(_Stub(), max_connections=2)
     srv = HttpServer("127.0.0.1", 0, api, timeout=3.0)

@@ -18,6 +18,14 @@ A trickling client therefore holds one slot for at most `timeout` seconds and ne
 delays anyone else. Handlers never raise to the client: every error is JSON
 `{"error", "detail"}` with the right 4xx; an unexpected bug is a logged 500.
 
+Requests that have arrived are served one at a time in arrival order (`_Turnstile`):
+with a thread per connection, threads otherwise take the GIL in no useful order,
+and at 16 busy connections the p99 was twice the p50 (9-9.8 ms against 4.8 ms;
+with the turnstile 6.1-6.6 ms at a higher rate, issue 6). A request that blocks
+while it has the turn (a body that does not come, a slow reader of the answer, a
+sync hook behind a long queue) makes the others wait at most `TURN_PATIENCE`;
+then they go ahead without their turn, as before.
+
 Status page auth (when `http.api_token` is set): `GET /` without credentials shows a
 login form; `POST /login` with the token sets an HttpOnly, SameSite=Strict cookie
 holding an expiry and an HMAC of it keyed by the token (stateless, valid 30 days,
@@ -42,7 +50,7 @@ import selectors
 import socket
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -76,6 +84,7 @@ from .status_page import event_summary, login_page, status_page
 _LOG = logging.getLogger(__name__)
 
 SYNC_WAIT = 5.0            # seconds a `respond: sync` hook waits for its actions
+TURN_PATIENCE = 0.02       # seconds a request waits for its turn before going ahead
 MAX_REQUEST_LINE = 8192    # bytes; longer is 414
 MAX_HEADER_LINE = 8192     # bytes per header line; longer is 431
 MAX_HEADERS = 64           # header lines; more is 431
@@ -725,7 +734,13 @@ class _Handler(BaseHTTPRequestHandler):
             head = self._read_head()
             if head is None or not self._parse(line, head):
                 return
-            self._serve()
+            turnstile = self.server.turnstile
+            had_turn = turnstile.enter()
+            try:
+                self._serve()
+            finally:
+                if had_turn:
+                    turnstile.leave()
         except TimeoutError:
             self.close_connection = True
             self.api.stats.bump("timeouts")
@@ -919,6 +934,45 @@ class _Handler(BaseHTTPRequestHandler):
         raise AttributeError(name)
 
 
+class _Turnstile:
+    """First come, first served, with patience (see the module docstring).
+
+    :meth:`enter` returns True once it is the caller's turn (the caller then calls
+    :meth:`leave`), or False after `patience` seconds in the queue: the caller goes
+    ahead without a turn, so one stuck turn delays the others by at most that.
+    The turn is handed straight to the next in line, so nobody overtakes a waiter.
+    """
+
+    def __init__(self, patience: float) -> None:
+        self.patience = patience
+        self._lock = threading.Lock()
+        self._queue: deque[threading.Lock] = deque()  # one locked lock per waiter
+        self._taken = False
+
+    def enter(self) -> bool:
+        with self._lock:
+            if not self._taken:
+                self._taken = True
+                return True
+            waiter = threading.Lock()
+            waiter.acquire()
+            self._queue.append(waiter)
+        if waiter.acquire(timeout=self.patience):
+            return True  # handed over by leave()
+        with self._lock:
+            if waiter in self._queue:
+                self._queue.remove(waiter)
+                return False
+        return True  # handed over between the timeout and the check
+
+    def leave(self) -> None:
+        with self._lock:
+            if self._queue:
+                self._queue.popleft().release()  # the turn passes on, never freed between
+            else:
+                self._taken = False
+
+
 class _Server(ThreadingHTTPServer):
     """Thread per connection, at most `max_connections` of them; the rest get a quick 503."""
 
@@ -929,6 +983,7 @@ class _Server(ThreadingHTTPServer):
     def __init__(self, addr: tuple[str, int], handler: type[_Handler],
                  max_connections: int) -> None:
         self.slots = threading.BoundedSemaphore(max_connections)
+        self.turnstile = _Turnstile(TURN_PATIENCE)
         super().__init__(addr, handler)
 
     def server_bind(self) -> None:
