@@ -595,17 +595,28 @@ def new_rows(name: str, rx: Receiver, n: int, start: int) -> list[NewDelivery]:
         for i in range(start, start + n)]
 
 
+class Pausing:
+    """The sender's hand-over, with `inside` run right after the early offer (under
+    the outbox's lock, before the INSERT)."""
+
+    def __init__(self, inner: delivery.Handover, inside: Callable[[], None] | None) -> None:
+        self.inner = inner
+        self.inside = inside
+
+    def offer(self, rows: Any) -> None:
+        self.inner.offer(rows)
+        if self.inside is not None:
+            self.inside()
+
+    def settle(self, rows: Any) -> None:
+        self.inner.settle(rows)
+
+
 def hand_over(box: Outbox, sender: Sender, name: str, rx: Receiver, n: int = 1, *,
               start: int = 0, inside: Callable[[], None] | None = None) -> list[int]:
-    """Store rows as the daemon does: handed over inside the transaction, before
-    COMMIT; `inside` runs there too, after the hand-over."""
-    def before_commit(rows: list[Any]) -> None:
-        offer_now(rows)
-        if inside is not None:
-            inside()
-
-    with sender.handing_over() as offer_now:
-        rows = box.add_rows(new_rows(name, rx, n, start), before_commit=before_commit)
+    """Store rows as the daemon does: handed to the sender before they are stored."""
+    rows = box.add_rows(new_rows(name, rx, n, start),
+                        handover=Pausing(sender.handover(), inside))
     return [r.id for r in rows]
 
 
@@ -619,9 +630,9 @@ def running_in(thread: threading.Thread, function: str) -> bool:
     return False
 
 
-def test_a_request_goes_out_while_its_commit_is_written(box, rx) -> None:
-    """The request of a row handed over before COMMIT reaches the receiver before
-    the transaction ends; its outcome is recorded only after the commit."""
+def test_a_request_goes_out_while_its_row_is_written(box, rx) -> None:
+    """The request of a row handed over before its INSERT reaches the receiver before
+    the row is stored; its outcome is recorded afterwards, under the row's id."""
     counting = CountingOutbox(box)
     sender = Sender(counting, {"t": target("t", rx)})  # type: ignore[arg-type]
     sender.start()
@@ -630,10 +641,10 @@ def test_a_request_goes_out_while_its_commit_is_written(box, rx) -> None:
         wait_until(lambda: worker.in_sync and worker.sleeping, what="asleep, in sync")
         counting.calls.clear()
 
-        def inside() -> None:  # still inside the transaction
-            rx.wait_for(1)  # the request arrived before COMMIT
-            wait_until(lambda: running_in(worker.thread, "_committed"),
-                       what="the thread waiting for the commit")
+        def inside() -> None:  # the row is not stored yet
+            rx.wait_for(1)  # the request arrived before the INSERT
+            wait_until(lambda: running_in(worker.thread, "_stored"),
+                       what="the thread waiting for the row to be stored")
             assert counting.calls == []  # nothing recorded yet
 
         ids = hand_over(box, sender, "t", rx, inside=inside)
@@ -644,28 +655,25 @@ def test_a_request_goes_out_while_its_commit_is_written(box, rx) -> None:
         sender.stop(1)
 
 
-def test_a_rolled_back_hand_over_records_nothing_and_its_ids_come_back(box, rx) -> None:
-    """A transaction that fails after its rows were handed over: the request that went
-    out is not recorded, and the row ids SQLite gives out again are not mistaken
-    for rows already sent."""
+def test_a_failed_store_after_an_early_send_records_nothing(box, rx, caplog) -> None:
+    """The INSERT fails after its row was handed over and sent: nothing is recorded,
+    the thread says so, and the next row goes as usual."""
     sender = Sender(box, {"t": target("t", rx)})
     sender.start()
     try:
         worker = sender._workers["t"]
         wait_until(lambda: worker.in_sync and worker.sleeping, what="asleep, in sync")
-
-        def inside() -> None:
-            rx.wait_for(1)
-            raise OSError("disk I/O error")
-
-        with pytest.raises(OSError):
-            hand_over(box, sender, "t", rx, inside=inside)
+        box._db.execute("CREATE TEMP TRIGGER refuse BEFORE INSERT ON main.deliveries"
+                        " BEGIN SELECT RAISE(ABORT, 'refused by the test'); END")
+        with pytest.raises(sqlite3.IntegrityError):
+            hand_over(box, sender, "t", rx, inside=lambda: rx.wait_for(1))
+        box._db.execute("DROP TRIGGER temp.refuse")
+        wait_until(lambda: "its outbox write failed" in caplog.text, what="the warning")
         wait_until(lambda: worker.sleeping and not worker.inbox, what="the thread idle")
         assert box.counts()["pending"] == 0 and box.counts()["delivered"] == 0
         ids = offer(box, sender, "t", rx, start=1)
-        assert ids == [1]  # the id of the rolled-back row, given out again
-        wait_until(lambda: box.counts()["delivered"] == 1, what="the new row delivered")
-        assert seqs(rx) == [0, 1] and worker.in_sync
+        wait_until(lambda: box.counts()["delivered"] == 1, what="the next row delivered")
+        assert seqs(rx) == [0, 1] and worker.in_sync and box.get(ids[0])["attempts"] == 1
     finally:
         sender.stop(1)
 

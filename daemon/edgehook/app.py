@@ -221,10 +221,9 @@ class Daemon:
                 target=call.target, event_id=event.id, url=call.url, method=target.method,
                 headers=call.headers, body=call.body, content_type=call.content_type,
                 max_attempts=target.max_attempts, max_age=target.max_age))
-        # handed to the sender threads in memory (no read-back) as the commit is
-        # written: a thread in sync sends while it is, and records once it held
-        with self.sender.handing_over() as offer:
-            self.outbox.add_rows(items, before_commit=offer)
+        # handed to the sender threads in memory (no read-back) as the rows are
+        # written: a thread in sync sends meanwhile, and records once they are stored
+        self.outbox.add_rows(items, handover=self.sender.handover())
 
     def _set_output(self, name: str, state: str, duration: float | None,
                     origin: str) -> dict[str, Any]:

@@ -27,7 +27,6 @@ name the target and the webhook-id, never the URL (a Discord URL is a credential
 
 from __future__ import annotations
 
-import contextlib
 import email.utils
 import ipaddress
 import logging
@@ -38,7 +37,7 @@ import ssl
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC
 from typing import Protocol
 from urllib.parse import urlsplit
@@ -510,13 +509,55 @@ def _describe(exc: BaseException) -> str:
 # --------------------------------------------------------------------------- threads
 
 class _Commit:
-    """The fate of a transaction whose rows were handed over before it committed."""
+    """The fate of a transaction whose rows were handed over before it stored them:
+    once `done`, `rows` maps each row's webhook-id to the stored row (with its id),
+    or is None when nothing was stored."""
 
-    __slots__ = ("done", "ok")
+    __slots__ = ("done", "rows")
 
     def __init__(self) -> None:
         self.done = threading.Event()
-        self.ok = False
+        self.rows: dict[str, RowLike] | None = None
+
+
+class Handover:
+    """Rows handed to the sender threads before they are stored (issue 6).
+
+    ``Outbox.add_rows`` calls :meth:`offer` with the new rows before its INSERT (no
+    ids yet) and :meth:`settle` after its COMMIT or rollback, both under the lock its
+    reads take. A thread in sync starts sending at once, so the request is on the
+    wire while the row is written instead of after it (that write was 0.07-0.17 ms
+    at p50 and 0.4 ms at p99 in the latency path); it records the outcome only once
+    the row is stored, under the row's id. Rows a thread could not take early are
+    offered once stored, as committed rows (a thread that read the database before
+    would have missed them). If the transaction fails, nothing was stored: an
+    attempt that already went out is not recorded, and the error goes up to the
+    caller.
+
+    Durability is unchanged: a row is safe once committed, and a crash before the
+    commit loses the event in either order (only now its webhook may have arrived
+    anyway).
+    """
+
+    def __init__(self, sender: Sender) -> None:
+        self.sender = sender
+        self.commit = _Commit()
+        self.late: list[RowLike] = []
+
+    def offer(self, rows: Sequence[RowLike]) -> None:
+        workers = self.sender._workers
+        for name, batch in _by_target(rows).items():
+            worker = workers.get(name)
+            if worker is not None and not worker.offer_early(batch, self.commit):
+                self.late.extend(batch)
+
+    def settle(self, rows: Sequence[RowLike] | None) -> None:
+        """The stored rows, in the order offered (None: the transaction failed)."""
+        commit = self.commit
+        if rows is not None:
+            commit.rows = {row.webhook_id: row for row in rows}
+            self.sender.offer([commit.rows[row.webhook_id] for row in self.late])
+        commit.done.set()
 
 
 class _Worker:
@@ -535,12 +576,13 @@ class _Worker:
     database mode; committed row ids only grow, so ``high`` (the last committed id
     taken) tells a row already sent from one seen again.
 
-    Rows can even arrive before their commit (:meth:`Sender.handing_over`): the
-    thread sends them while the commit is written and waits for it only to record
-    the outcome, and ``high`` counts them only once it held (ids of a transaction
-    that rolled back are given out again). Throwing the inbox away stays safe: the
-    thread's next database read waits for that transaction (the outbox's lock), so
-    it finds those rows.
+    Rows can even arrive before they are stored (:meth:`Sender.handover`), without
+    ids yet: the thread sends them while the transaction is written and waits for it
+    only to record the outcome, under the id the row got. Such a row cannot have been
+    read from the database before its transaction settled (the outbox settles it
+    under the lock its reads take), and after that it counts as an ordinary row.
+    Throwing the inbox away stays safe for the same reason: the thread's next
+    database read waits for that transaction, so it finds those rows.
     """
 
     def __init__(self, sender: Sender, name: str, config: WebhookConfig | None) -> None:
@@ -575,8 +617,8 @@ class _Worker:
         self.wakeup.set()
 
     def offer_early(self, rows: Sequence[RowLike], commit: _Commit) -> bool:
-        """Rows whose transaction is about to commit: taken only by a thread in sync
-        with room in its inbox; False means "offer them once committed"."""
+        """Rows about to be stored (no ids yet): taken only by a thread in sync with
+        room in its inbox; False means "offer them once stored"."""
         if not self.in_sync or len(self.inbox) + len(rows) > INBOX_MAX:
             return False
         self.inbox.extend((row, commit) for row in rows)
@@ -641,13 +683,16 @@ class _Worker:
         inbox = self.inbox
         while inbox and not self.dirty and not self.sender._stopping.is_set():
             row, commit = inbox.popleft()
-            if row.id <= self.high:
-                continue  # already taken from the database
-            if commit is not None and commit.done.is_set() and not commit.ok:
-                continue  # its transaction rolled back: the row never existed
+            if commit is not None and commit.done.is_set():
+                if commit.rows is None:
+                    continue  # its transaction rolled back: the row never existed
+                row, commit = commit.rows[row.webhook_id], None  # stored: an ordinary row
+            if commit is None:
+                if row.id <= self.high:
+                    continue  # already taken from the database
+                self.high = row.id
+            # else: not stored yet, so no database read can have taken it
             sent = self._deliver(row, cfg, commit)
-            if commit is None or commit.ok:  # (_deliver waited for the commit)
-                self.high = max(self.high, row.id)
             if not sent:
                 self.in_sync = False
                 inbox.clear()  # all in the database, behind the row backing off
@@ -702,17 +747,21 @@ class _Worker:
             self._flush()
         return outbox.next_due(self.name)
 
-    def _committed(self, row: RowLike, commit: _Commit | None) -> bool:
-        """Before recording anything about `row`: wait for its commit if it was handed
-        over early; False when that transaction rolled back (nothing to record)."""
+    def _stored(self, row: RowLike, commit: _Commit | None) -> RowLike | None:
+        """Before recording anything about `row`: the stored row, waiting for its
+        transaction if it was handed over early; None when that rolled back (nothing
+        to record)."""
         if commit is None:
-            return True
+            return row
         commit.done.wait()
-        if not commit.ok:
+        if commit.rows is None:
             _LOG.warning("delivery %s to %s: its outbox write failed (the event's log line "
                          "says why); an attempt that already went out is not recorded",
                          row.webhook_id, self.name)
-        return commit.ok
+            return None
+        stored = commit.rows[row.webhook_id]
+        self.high = max(self.high, stored.id)
+        return stored
 
     def _deliver(self, row: RowLike, cfg: WebhookConfig,
                  commit: _Commit | None = None) -> bool:
@@ -721,8 +770,10 @@ class _Worker:
         outbox = sender.outbox
         now = time.time()
         if now > row.deadline or row.attempts >= row.max_attempts:
-            if not self._committed(row, commit):
+            stored = self._stored(row, commit)
+            if stored is None:
                 return True
+            row = stored
             why = ("max_age exceeded before the attempt" if now > row.deadline
                    else f"max_attempts ({row.max_attempts}) reached")
             self._flush()
@@ -742,8 +793,10 @@ class _Worker:
         else:
             result = self.conn.send(row.method, row.url, headers, row.body, cfg.timeout)
         latency = time.monotonic() - start
-        if not self._committed(row, commit):
+        stored = self._stored(row, commit)
+        if stored is None:
             return True
+        row = stored
         self.beat = time.monotonic()
         now = time.time()
         status = result.status
@@ -868,44 +921,10 @@ class Sender:
             if worker is not None:
                 worker.offer(batch)
 
-    @contextlib.contextmanager
-    def handing_over(self) -> Iterator[Callable[[Sequence[RowLike]], None]]:
-        """Hand rows over while their transaction commits (issue 6).
-
-        Yields the function to call inside the transaction, once the rows have their
-        ids and before COMMIT (``Outbox.add_rows(before_commit=...)``). A thread in
-        sync starts sending at once, so the request is on the wire while the commit
-        is written instead of after it; it records the outcome only once the commit
-        held. The block's end settles it: rows a thread could not take early are
-        offered now, as committed rows (a thread that read the database before the
-        commit would have missed them). If the block raises, nothing was stored; an
-        attempt that already went out is not recorded, and the error goes up to the
-        caller. This relies on the outbox running `before_commit` under the lock its
-        reads take, as :class:`~edgehook.outbox.Outbox` does: a thread that throws
-        its inbox away meanwhile reads the rows back once they are committed.
-
-        Durability is unchanged: a row is safe once committed, and a crash before
-        the commit loses the event in either order (only now its webhook may have
-        arrived anyway).
-        """
-        commit = _Commit()
-        late: list[RowLike] = []
-
-        def offer(rows: Sequence[RowLike]) -> None:
-            workers = self._workers
-            for name, batch in _by_target(rows).items():
-                worker = workers.get(name)
-                if worker is not None and not worker.offer_early(batch, commit):
-                    late.extend(batch)
-
-        try:
-            yield offer
-        except BaseException:
-            commit.done.set()  # ok stays False
-            raise
-        commit.ok = True
-        commit.done.set()
-        self.offer(late)
+    def handover(self) -> Handover:
+        """A hand-over for one batch of rows about to be stored (issue 6); pass it to
+        ``Outbox.add_rows(handover=...)``. See :class:`Handover`."""
+        return Handover(self)
 
     def reload(self, targets: Mapping[str, WebhookConfig]) -> None:
         """Swap in a new config snapshot: new threads for new targets; removed targets'

@@ -55,10 +55,10 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from .errors import EdgehookError
 from .events import new_id, rfc3339
@@ -172,6 +172,14 @@ class Row:
     created_at: float
     next_attempt_at: float
     deadline: float
+
+
+class Handover(Protocol):
+    """Who gets new rows before they are stored (``delivery.Handover``; typed here:
+    edges never import each other)."""
+
+    def offer(self, rows: Sequence[Row]) -> None: ...
+    def settle(self, rows: Sequence[Row] | None) -> None: ...
 
 
 def _attempt(now: float, status: int | None, error: str | None) -> str:
@@ -361,14 +369,14 @@ class Outbox:
         return [row.id for row in self.add_rows(items, now)]
 
     def add_rows(self, items: Sequence[NewDelivery], now: float | None = None, *,
-                 before_commit: Callable[[list[Row]], None] | None = None) -> list[Row]:
+                 handover: Handover | None = None) -> list[Row]:
         """:meth:`add`, returning the stored rows as :meth:`claim` would (for the sender).
 
-        `before_commit` gets the rows, with their ids, inside the transaction just
-        before COMMIT (``Sender.handing_over``); it must not use the outbox, and it
-        is for a top-level call only (a nested one commits with the outer
-        transaction). Raises ``OutboxFull`` (storing none of them) when the row cap
-        or the disk headroom would be crossed.
+        With a `handover` (``Sender.handover()``), the rows go to it twice under this
+        outbox's lock, which every read takes too: before the INSERT, without ids
+        (id 0), and once the transaction settled, as stored (or None when it failed).
+        Raises ``OutboxFull`` (storing none of them) when the row cap or the disk
+        headroom would be crossed.
         """
         if not items:
             return []
@@ -386,19 +394,28 @@ class Outbox:
                      json.dumps(d.headers, separators=(",", ":")), bytes(d.body),
                      d.content_type, int(d.max_attempts), float(d.max_age), now, now,
                      now + d.max_age) for d in items]
-            with self.tx() as c:
-                c.executemany(
-                    "INSERT INTO deliveries (webhook_id, event_id, target, url, method, headers,"
-                    " body, content_type, max_attempts, max_age, created_at, next_attempt_at,"
-                    " deadline) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
-                # AUTOINCREMENT under the write lock: one batch gets consecutive ids.
-                first = c.execute("SELECT last_insert_rowid()").fetchone()[0] - len(items) + 1
-                stored = [Row(first + i, r[0], d.event_id, d.target, d.url, d.method,
-                              dict(d.headers), r[6], d.content_type, 0, r[8], now, now, r[12])
-                          for i, (r, d) in enumerate(zip(rows, items, strict=True))]
-                if before_commit is not None:
-                    before_commit(stored)
+            fields = [(r[0], d.event_id, d.target, d.url, d.method, dict(d.headers), r[6],
+                       d.content_type, 0, r[8], now, now, r[12])
+                      for r, d in zip(rows, items, strict=True)]
+            try:
+                if handover is not None:
+                    handover.offer([Row(0, *f) for f in fields])
+                with self.tx() as c:
+                    c.executemany(
+                        "INSERT INTO deliveries (webhook_id, event_id, target, url, method,"
+                        " headers, body, content_type, max_attempts, max_age, created_at,"
+                        " next_attempt_at, deadline) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+                    # AUTOINCREMENT under the write lock: one batch gets consecutive ids.
+                    first = c.execute("SELECT last_insert_rowid()").fetchone()[0] \
+                        - len(items) + 1
+            except BaseException:
+                if handover is not None:
+                    handover.settle(None)
+                raise
+            stored = [Row(first + i, *f) for i, f in enumerate(fields)]
             self._apply({"pending": len(items)})
+            if handover is not None:
+                handover.settle(stored)
         return stored
 
     def claim(self, target: str, limit: int, now: float, lease: float = LEASE) -> list[Row]:
