@@ -536,19 +536,6 @@ def test_a_failed_offered_row_falls_back_to_the_database_in_order(box, rx) -> No
         sender.stop(1)
 
 
-def test_rows_offered_while_reading_the_database_go_once_in_order(box, rx) -> None:
-    """Rows stored and offered while the thread starts (reading the queue from the
-    database) are taken from there once, not again from the inbox."""
-    sender = Sender(box, {"t": target("t", rx)})
-    offer(box, sender, "t", rx, 30)  # before start: only in the database
-    sender.start()
-    for i in range(30, 300, 10):
-        offer(box, sender, "t", rx, 10, start=i)
-    wait_until(lambda: box.counts()["delivered"] == 300, what="all delivered")
-    sender.stop(1)
-    assert seqs(rx) == list(range(300))
-
-
 def test_a_thread_backing_off_keeps_no_rows_in_memory(box, rx, monkeypatch) -> None:
     monkeypatch.setattr(delivery, "BACKOFF_FIRST", (0.5, 0.5))
     rx.script(503)
@@ -678,14 +665,17 @@ def test_a_failed_store_after_an_early_send_records_nothing(box, rx, caplog) -> 
         sender.stop(1)
 
 
-def test_rows_handed_over_early_while_reading_the_database_go_once_in_order(box, rx) -> None:
-    """As for committed offers: rows handed over before their commit while the thread
-    reads the queue from the database are sent once, in order."""
+@pytest.mark.parametrize("store", ["offer", "hand_over"])
+def test_rows_stored_while_reading_the_database_go_once_in_order(box, rx, store) -> None:
+    """Rows stored while the thread starts (reading the queue from the database) are
+    taken from there once, not again from the inbox: handed over once committed
+    (offer) or before they are stored (hand_over, as the daemon does)."""
+    put = {"offer": offer, "hand_over": hand_over}[store]
     sender = Sender(box, {"t": target("t", rx)})
-    hand_over(box, sender, "t", rx, 30)  # before start: only in the database
+    put(box, sender, "t", rx, 30)  # before start: only in the database
     sender.start()
     for i in range(30, 300, 10):
-        hand_over(box, sender, "t", rx, 10, start=i)
+        put(box, sender, "t", rx, 10, start=i)
     wait_until(lambda: box.counts()["delivered"] == 300, what="all delivered")
     sender.stop(1)
     assert seqs(rx) == list(range(300))

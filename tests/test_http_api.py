@@ -573,6 +573,20 @@ def test_keep_alive_after_unread_body_closes(daemon: Daemon) -> None:
     assert resp.count(b"HTTP/1.1 ") == 1
 
 
+def timed_healthz(daemon: Daemon, session: requests.Session, n: int,
+                  pause: float = 0.0) -> list[float]:
+    """Seconds each of `n` GET /healthz took (each must answer 200 within 1 s)."""
+    times = []
+    for _ in range(n):
+        start = time.monotonic()
+        r = session.get(base(daemon) + "/healthz", timeout=1.0)
+        times.append(time.monotonic() - start)
+        assert r.status_code == 200
+        if pause:
+            time.sleep(pause)
+    return times
+
+
 def test_slow_client_does_not_block_others(daemon: Daemon) -> None:
     """One header byte per second on one connection while 20 requests finish, each < 1 s;
     the trickler is cut off at http.timeout (2 s here) however steadily it sends."""
@@ -593,14 +607,7 @@ def test_slow_client_does_not_block_others(daemon: Daemon) -> None:
 
     t = threading.Thread(target=trickle, daemon=True)
     t.start()
-    session = requests.Session()
-    times = []
-    for _ in range(20):
-        start = time.monotonic()
-        r = session.get(base(daemon) + "/healthz", timeout=1.0)
-        times.append(time.monotonic() - start)
-        assert r.status_code == 200
-        time.sleep(0.05)
+    times = timed_healthz(daemon, requests.Session(), 20, pause=0.05)
     assert max(times) < 1.0, times
     s.settimeout(4)
     answer = s.recv(4096)  # the server gives up on the trickler: 408, then close
@@ -619,12 +626,7 @@ def test_a_body_that_does_not_come_holds_the_others_up_only_briefly(daemon: Daem
               b"Content-Length: 10\r\n\r\n{}")  # 2 of 10 bytes: its turn waits for 8 more
     session = requests.Session()
     session.get(base(daemon) + "/healthz", timeout=1.0)  # the slow one has its turn now
-    times = []
-    for _ in range(10):
-        start = time.monotonic()
-        r = session.get(base(daemon) + "/healthz", timeout=1.0)
-        times.append(time.monotonic() - start)
-        assert r.status_code == 200
+    times = timed_healthz(daemon, session, 10)
     assert time.monotonic() - t0 < 1.5  # all done long before the slow one's 2 s deadline
     assert max(times) < 0.5, times
     s.settimeout(4)
