@@ -548,7 +548,7 @@ class Handover:
         workers = self.sender._workers
         for name, batch in _by_target(rows).items():
             worker = workers.get(name)
-            if worker is not None and not worker.offer_early(batch, self.commit):
+            if worker is not None and not worker.take(batch, self.commit):
                 self.late.extend(batch)
 
     def settle(self, rows: Sequence[RowLike] | None) -> None:
@@ -568,10 +568,11 @@ class _Worker:
     whenever another part of the daemon changed the queue behind its back (a retry
     from the API, a reload; :meth:`Sender.wake`). When a database round finds the
     target's queue empty the thread is *in sync*: every row stored from then on is
-    handed to it in memory by :meth:`Sender.offer` right after its commit, and it
-    sends those in order without reading them back (no claim, no lease: one daemon
-    per state directory, and a crash clears leases anyway). That saves two of the
-    four transactions a delivery cost and a thread's worth of latency (issue 6).
+    handed to it in memory (:class:`Handover`, or :meth:`Sender.offer` once
+    committed), and it sends those in order without reading them back (no claim,
+    no lease: one daemon per state directory, and a crash clears leases anyway).
+    That saves two of the four transactions a delivery cost and a thread's worth of
+    latency (issue 6).
     Any failed attempt, or an inbox past ``INBOX_MAX`` rows, drops it back to
     database mode; committed row ids only grow, so ``high`` (the last committed id
     taken) tells a row already sent from one seen again.
@@ -610,15 +611,14 @@ class _Worker:
         are read back from the database (``dirty``), so a target that is down or
         slow never holds row bodies in memory beyond ``INBOX_MAX`` rows.
         """
-        if not self.in_sync or len(self.inbox) + len(rows) > INBOX_MAX:
+        if not self.take(rows, None):
             self.dirty = True  # they are in the database; read them from there
-        else:
-            self.inbox.extend((row, None) for row in rows)
-        self.wakeup.set()
+            self.wakeup.set()
 
-    def offer_early(self, rows: Sequence[RowLike], commit: _Commit) -> bool:
-        """Rows about to be stored (no ids yet): taken only by a thread in sync with
-        room in its inbox; False means "offer them once stored"."""
+    def take(self, rows: Sequence[RowLike], commit: _Commit | None) -> bool:
+        """Rows about to be stored (no ids yet; `commit` tells when they are), or
+        stored already (None): taken only by a thread in sync with room in its
+        inbox; False means "read them from the database once stored"."""
         if not self.in_sync or len(self.inbox) + len(rows) > INBOX_MAX:
             return False
         self.inbox.extend((row, commit) for row in rows)
