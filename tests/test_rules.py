@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import random
 import textwrap
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -11,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from edgehook import events
 from edgehook.config import Config, load_config
 from edgehook.events import make_event, new_id, rfc3339
 from edgehook.rules import OutputCall, PublishCall, RuleEngine, WebhookCall, encode_body
@@ -194,6 +198,37 @@ def test_event_ids_sort_in_time_order() -> None:
     assert same_ms == sorted(same_ms) and len(set(same_ms)) == 50
     assert len(ids[0]) == 26
     assert rfc3339(0.123) == "1970-01-01T00:00:00.123Z"
+
+
+def test_event_ids_encode_time_and_randomness_in_crockford_base32() -> None:
+    def reference(ms: int, rand: int) -> str:  # the ULID layout, one character at a time
+        value = ms << 80 | rand
+        alphabet = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+        return "".join(alphabet[(value >> (5 * i)) & 31] for i in reversed(range(26)))
+
+    rng = random.Random(7)
+    for ms, rand in [(0, 0), ((1 << 48) - 1, (1 << 80) - 1), (1, 1)] + \
+            [(rng.getrandbits(48), rng.getrandbits(80)) for _ in range(200)]:
+        assert events._crockford(ms << 80 | rand) == reference(ms, rand)
+
+
+def test_a_forked_child_draws_its_own_random_bits() -> None:
+    """Random bits come from a pool of os.urandom output; a child process must not
+    reuse the parent's pool, or both would make the same id in the same ms."""
+    new_id()  # the pool is filled in the parent
+    # a millisecond neither process used yet (ids are monotonic: past the last one)
+    when = max(time.time(), events._last_ms / 1000) + 0.05
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: one id, then leave at once
+        os.write(write, new_id(when).encode())
+        os._exit(0)
+    os.close(write)
+    child = os.read(read, 64).decode()
+    os.close(read)
+    os.waitpid(pid, 0)
+    parent = new_id(when)
+    assert child[:10] == parent[:10] and child != parent
 
 
 @given(st.one_of(st.floats(0, 4e9), st.integers(0, 4_000_000_000).map(lambda s: s + 0.9999995),
