@@ -681,6 +681,113 @@ def test_rows_stored_while_reading_the_database_go_once_in_order(box, rx, store)
     assert seqs(rx) == list(range(300))
 
 
+def idle_on_open_connection(box: Outbox, sender: Sender, rx: Receiver) -> delivery._Worker:
+    """Deliver row 0 (which opens the keep-alive connection); return the thread once it
+    is asleep in sync with nothing queued: the state in which the next request is
+    written by the thread storing its row (delivery._Early)."""
+    worker = sender._workers["t"]
+    wait_until(lambda: worker.in_sync and worker.sleeping, what="asleep, in sync")
+    hand_over(box, sender, "t", rx)
+    wait_until(lambda: box.counts()["delivered"] == 1 and worker.idle,
+               what="row 0 delivered, the thread idle again")
+    return worker
+
+
+def test_the_storing_thread_writes_an_idle_threads_next_request(box, rx) -> None:
+    """The request leaves from the thread storing the row, before the INSERT, while the
+    sender thread still sleeps; woken once the row is stored, that thread reads the
+    answer and records it under the row's id. Signed as any attempt, on the same
+    keep-alive connection."""
+    counting = CountingOutbox(box)
+    signing = Signing("standard", (SECRET_NEW,))
+    sender = Sender(counting, {"t": target("t", rx, signing=signing)})  # type: ignore[arg-type]
+    sender.start()
+    try:
+        worker = idle_on_open_connection(box, sender, rx)
+        counting.calls.clear()
+
+        def inside() -> None:  # the row is not stored yet
+            rx.wait_for(2)  # the request arrived before the INSERT...
+            assert worker.sleeping  # ...and the sender thread never woke to write it
+            assert counting.calls == []
+
+        ids = hand_over(box, sender, "t", rx, start=1, inside=inside)
+        wait_until(lambda: box.counts()["delivered"] == 2, what="recorded after the commit")
+        assert counting.calls == ["mark_delivered"]
+        assert seqs(rx) == [0, 1] and box.get(ids[0])["attempts"] == 1
+        first, second = rx.requests
+        assert second.client_port == first.client_port  # the same connection
+        h = second.headers
+        assert h["webhook-id"] == box.get(ids[0])["webhook_id"]
+        assert verify_standard([SECRET_NEW], h["webhook-id"], h["webhook-timestamp"],
+                               h["webhook-signature"], second.body, time.time())
+    finally:
+        sender.stop(1)
+
+
+def test_a_failed_request_written_early_is_retried_when_due(box, rx) -> None:
+    """An early request answered 503 backs off like any attempt: retried once due,
+    with the rows stored behind it waiting their turn."""
+    sender = Sender(box, {"t": target("t", rx)})
+    sender.start()
+    try:
+        idle_on_open_connection(box, sender, rx)
+        rx.script(503)
+        ids = hand_over(box, sender, "t", rx, start=1)
+        rx.wait_for(2)
+        hand_over(box, sender, "t", rx, start=2)
+        wait_until(lambda: box.counts()["delivered"] == 3, what="retried, then the next row")
+        assert seqs(rx) == [0, 1, 1, 2] and box.get(ids[0])["attempts"] == 2
+    finally:
+        sender.stop(1)
+
+
+def test_a_request_written_early_keeps_its_place_when_the_thread_is_woken(box, rx) -> None:
+    """Woken for another reason (the queue changed in the database) while a request it
+    did not write is on its connection, the thread reads that answer first: the row
+    is sent once, and its database round does not send it again."""
+    sender = Sender(box, {"t": target("t", rx)})
+    sender.start()
+    try:
+        worker = idle_on_open_connection(box, sender, rx)
+
+        def inside() -> None:
+            rx.wait_for(2)
+            sender.wake(["t"])  # e.g. a retry from the API
+            wait_until(lambda: running_in(worker.thread, "_stored"),
+                       what="the thread, answer read, waiting for the row to be stored")
+
+        hand_over(box, sender, "t", rx, start=1, inside=inside)
+        wait_until(lambda: box.counts()["delivered"] == 2, what="recorded")
+        wait_until(lambda: worker.in_sync and worker.sleeping, what="the round done, in sync")
+        offer(box, sender, "t", rx, start=2)
+        wait_until(lambda: box.counts()["delivered"] == 3, what="the next row")
+        assert seqs(rx) == [0, 1, 2]
+    finally:
+        sender.stop(1)
+
+
+def test_stopping_reads_the_answer_to_a_request_written_early(box, rx) -> None:
+    """A stop that comes while a request the storing thread wrote is in flight: the
+    thread still reads its answer and records the delivery, so the row is not left
+    pending (and sent again at the next start)."""
+    sender = Sender(box, {"t": target("t", rx)})
+    sender.start()
+    worker = idle_on_open_connection(box, sender, rx)
+    stopper = threading.Thread(target=sender.stop, kwargs={"grace": 5})
+
+    def inside() -> None:
+        rx.wait_for(2)
+        stopper.start()
+        wait_until(lambda: running_in(worker.thread, "_stored"),
+                   what="the stopping thread waiting for the row to be stored")
+
+    ids = hand_over(box, sender, "t", rx, start=1, inside=inside)
+    stopper.join(5)
+    assert not worker.thread.is_alive()
+    assert box.get(ids[0])["status"] == "delivered" and seqs(rx) == [0, 1]
+
+
 def test_a_row_handed_over_early_and_also_read_from_the_database_goes_once(box, rx) -> None:
     """The narrow race of an early hand-over: a thread leaving sync empties its inbox,
     the rows land in it anyway, and its database read (waiting for that commit) sends

@@ -22,7 +22,9 @@ from pathlib import Path
 import pytest
 
 from edgehook import delivery
+from edgehook.config import WebhookConfig
 from edgehook.delivery import _Connection
+from edgehook.templates import Static
 
 WAIT = 5.0      # the deadline of every wait on the server side (seconds)
 TIMEOUT = 2.0   # the client's timeout unless a test says otherwise
@@ -424,6 +426,92 @@ def test_connection_refused_is_a_retryable_error() -> None:
     assert r.status is None and not r.final
     assert r.error is not None and r.error.startswith("ConnectionRefusedError")
     assert elapsed < QUICK
+
+
+# --------------------------------------------------------------------------- early writes
+
+def early(conn: _Connection, url: str, body: bytes, written: int | None = None,
+          ) -> tuple[delivery._Early | None, bytes]:
+    """Start a POST the way the storing thread does (delivery._Early); with `written`,
+    only that many bytes go out early, as when the socket takes part of it."""
+    prepared = conn.prepare("POST", url, {}, body)
+    assert not isinstance(prepared, delivery._Attempt)
+    origin, request = prepared
+    sent = conn.write_early(origin, request if written is None else request[:written])
+    if sent is None:
+        return None, request
+    cfg = WebhookConfig(name="t", url=Static(url), timeout=TIMEOUT)
+    return delivery._Early(origin, request, sent, time.monotonic(), cfg), request
+
+
+@pytest.mark.parametrize("written", [None, 0, 7, 40])
+def test_a_request_written_early_is_finished_by_send(serve, written: int | None) -> None:
+    """send() writes what the early write left and reads the answer: the server gets
+    the request once, whole, on the same connection."""
+    srv = serve(answer_each(OK, b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n"))
+    c = client()
+    assert post(c, srv.url(), b"first").status == 200
+    started, request = early(c, srv.url(), b'{"second":true}', written)
+    assert started is not None
+    assert started.sent == (len(request) if written is None else written)
+    r = c.send("POST", srv.url(), {}, b"", TIMEOUT, started)
+    assert (r.status, r.error) == (201, None)
+    srv.finish()
+    assert srv.accepts == 1 and srv.requests[1] == request
+
+
+def test_a_part_written_early_on_a_connection_then_dropped_is_sent_whole_afresh(
+        serve) -> None:
+    """The server drops the connection after part of a request went out early: the
+    fresh connection gets the whole request, not the rest of it."""
+    written = threading.Event()
+
+    def answer_then_drop(peer: Peer) -> None:
+        peer.read_request()
+        peer.send(OK)
+        assert written.wait(WAIT)
+        peer.close()  # without reading the part written early
+        peer.server.events["closed"].set()
+
+    srv = serve(answer_then_drop, answer(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n"))
+    c = client()
+    assert post(c, srv.url(), b"first").status == 200
+    started, request = early(c, srv.url(), b'{"second":true}', 7)
+    assert started is not None and started.sent == 7
+    written.set()
+    assert srv.events["closed"].wait(WAIT)
+    r = c.send("POST", srv.url(), {}, b"", TIMEOUT, started)
+    assert (r.status, r.error) == (201, None)
+    srv.finish()
+    assert srv.accepts == 2 and srv.requests[-1] == request
+
+
+def test_no_early_write_without_an_open_idle_connection_to_the_origin(serve) -> None:
+    srv, other = serve(answer_each(OK, OK)), serve()
+    c = client()
+    assert early(c, srv.url(), b"x")[0] is None  # nothing open yet
+    assert post(c, srv.url(), b"first").status == 200
+    assert early(c, other.url(), b"x")[0] is None  # open, but to another origin
+    big = b"x" * (delivery.EARLY_MAX + 1)
+    assert early(c, srv.url(), big)[0] is None  # too large to be sure it cannot block
+    assert post(c, srv.url(), b"second").status == 200  # the connection was left alone
+    srv.finish()
+    assert srv.accepts == 1 and len(srv.requests) == 2
+
+
+def test_no_early_write_on_a_connection_the_server_closed(serve) -> None:
+    """An idle keep-alive connection the server has closed is readable (EOF): nothing
+    is written on it early, and send() makes a fresh connection for the request."""
+    srv = serve(_answer_then_close, answer(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n"))
+    c = client()
+    assert post(c, srv.url(), b"first").status == 200
+    assert srv.events["closed"].wait(WAIT)  # closed: on loopback its FIN is here too
+    assert early(c, srv.url(), b"second")[0] is None
+    r = post(c, srv.url(), b"second")
+    assert (r.status, r.error) == (201, None)
+    srv.finish()
+    assert srv.accepts == 2
+    assert [req.rsplit(b"\r\n\r\n", 1)[1] for req in srv.requests] == [b"first", b"second"]
 
 
 # --------------------------------------------------------------------------- bad responses

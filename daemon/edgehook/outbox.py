@@ -390,16 +390,17 @@ class Outbox:
             if free < self.min_free_bytes:
                 raise OutboxFull(f"disk nearly full: {free // 1024} KiB free under "
                                  f"{self.path.parent} (keeping {self.min_free_bytes // 1024} KiB)")
-            rows = [("msg_" + new_id(now), d.event_id, d.target, d.url, d.method,
-                     json.dumps(d.headers, separators=(",", ":")), bytes(d.body),
-                     d.content_type, int(d.max_attempts), float(d.max_age), now, now,
-                     now + d.max_age) for d in items]
-            fields = [(r[0], d.event_id, d.target, d.url, d.method, dict(d.headers), r[6],
-                       d.content_type, 0, r[8], now, now, r[12])
-                      for r, d in zip(rows, items, strict=True)]
+            fields = [("msg_" + new_id(now), d.event_id, d.target, d.url, d.method,
+                       dict(d.headers), bytes(d.body), d.content_type, 0,
+                       int(d.max_attempts), now, now, now + float(d.max_age))
+                      for d in items]
             try:
-                if handover is not None:
+                if handover is not None:  # first: the sender may start while we write
                     handover.offer([Row(0, *f) for f in fields])
+                rows = [(f[0], f[1], f[2], f[3], f[4],
+                         json.dumps(f[5], separators=(",", ":")) if f[5] else "{}", f[6],
+                         f[7], f[9], float(d.max_age), now, now, f[12])
+                        for f, d in zip(fields, items, strict=True)]
                 with self.tx() as c:
                     c.executemany(
                         "INSERT INTO deliveries (webhook_id, event_id, target, url, method,"
