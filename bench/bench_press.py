@@ -3,11 +3,14 @@
 edgehook runs in this process exactly as `edgehook run` builds it (``app.Daemon``,
 mock pin factory, the outbox on a temporary state directory, durability as
 shipped). A press is a MockPin edge (``pin.drive_low()`` on a pulled-up input), so
-the measured path is everything after the wire: gpiozero's callback thread, the
-input logic, the bus, the dispatcher and rules, the outbox commit, the sender's
-claim and the POST. The receiver is a stdlib HTTP/1.1 keep-alive server in a
-*subprocess* (it does not compete for our GIL) that stamps each request with
-CLOCK_MONOTONIC (system-wide on Linux) as soon as the body is read.
+the measured path is everything after the wire: gpiozero's callback (on the
+pressing thread, as MockPin calls it), the input logic, the bus, the dispatcher
+and its rules, the outbox's hand-over and the POST (written by the dispatcher
+itself when the sender thread is idle on an open connection, see
+``delivery._Early``), with the INSERT and COMMIT beside it. The receiver is a
+stdlib HTTP/1.1 keep-alive server in a *subprocess* (it does not compete for our
+GIL) that stamps each request with CLOCK_MONOTONIC (system-wide on Linux) as soon
+as the body is read.
 
 The references, interleaved with the presses so that both see the same machine:
 
@@ -17,7 +20,8 @@ The references, interleaved with the presses so that both see the same machine:
 - ``requests.post``: a one-off POST (new connection), what a bare script run per
   press would do.
 
-Latency of a reference = first byte written -> arrival; of a press = edge -> arrival.
+Latency of a reference = its call (request built, written) -> arrival; of a press =
+edge -> arrival.
 Target (issue 6): press p99 at most 1.5x the bare single POST's p99.
 
     .venv/bin/python bench/bench_press.py [--samples 500] [--json]
