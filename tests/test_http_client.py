@@ -872,6 +872,23 @@ def test_tls_idle_connection_closed_by_server_is_remade(serve, tls_cert,
     assert srv.accepts == 2
 
 
+def test_tls_request_written_early_is_finished_by_send(serve, tls_cert,
+                                                      tls_server_ctx) -> None:
+    """An early write on an idle TLS connection takes the whole request at once (one
+    record); send() reads the answer on that connection without writing it again."""
+    srv = serve(answer_each(OK, b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n"),
+                tls=tls_server_ctx)
+    c = _Connection(_trusting(tls_cert[0]))
+    url = srv.url(scheme="https")
+    assert post(c, url, b"first").status == 200
+    started, request = early(c, url, b'{"second":true}')
+    assert started is not None and started.sent == len(request)  # the whole request
+    r = c.send("POST", url, {}, b"", TIMEOUT, started)
+    assert (r.status, r.error) == (201, None)
+    srv.finish()
+    assert srv.accepts == 1 and srv.requests[1] == request
+
+
 def test_tls_default_context_rejects_a_self_signed_certificate(serve, tls_server_ctx) -> None:
     srv = serve(answer(OK), tls=tls_server_ctx)
     r, elapsed = timed(lambda: post(_Connection(ssl.create_default_context),
