@@ -558,14 +558,31 @@ def _describe(exc: BaseException) -> str:
 class _Commit:
     """The fate of a transaction whose rows were handed over before it stored them:
     once `done`, `rows` maps each row's webhook-id to the stored row (with its id),
-    or is None when nothing was stored. `sleepers`: threads to wake once it is done."""
+    or is None when nothing was stored. `sleepers`: threads to wake once it is done.
 
-    __slots__ = ("done", "rows", "sleepers")
+    Done-ness is a bare lock held until then rather than a ``threading.Event`` (a
+    Condition around a lock, built in Python): one is made for every batch the
+    dispatcher stores, on the way to the request."""
+
+    __slots__ = ("_pending", "rows", "sleepers")
 
     def __init__(self) -> None:
-        self.done = threading.Event()
+        self._pending = threading.Lock()
+        self._pending.acquire()
         self.rows: dict[str, RowLike] | None = None
         self.sleepers: list[_Worker] = []
+
+    def finish(self) -> None:
+        """The transaction settled (`rows` is set first); called once."""
+        self._pending.release()
+
+    def done(self) -> bool:
+        return not self._pending.locked()
+
+    def wait(self) -> None:
+        """Until :meth:`finish` was called."""
+        with self._pending:
+            pass
 
 
 class _Early:
@@ -635,7 +652,7 @@ class Handover:
         if rows is not None:
             commit.rows = {row.webhook_id: row for row in rows}
             self.sender.offer([commit.rows[row.webhook_id] for row in self.late])
-        commit.done.set()
+        commit.finish()
         for worker in commit.sleepers:
             worker.wakeup.set()
 
@@ -822,7 +839,7 @@ class _Worker:
         inbox = self.inbox
         while inbox and not self.dirty and not self.sender._stopping.is_set():
             row, commit, _ = inbox.popleft()  # (only the head can be early: done)
-            if commit is not None and commit.done.is_set():
+            if commit is not None and commit.done():
                 if commit.rows is None:
                     continue  # its transaction rolled back: the row never existed
                 row, commit = commit.rows[row.webhook_id], None  # stored: an ordinary row
@@ -892,7 +909,7 @@ class _Worker:
         to record)."""
         if commit is None:
             return row
-        commit.done.wait()
+        commit.wait()
         if commit.rows is None:
             _LOG.warning("delivery %s to %s: its outbox write failed (the event's log line "
                          "says why); an attempt that already went out is not recorded",

@@ -20,6 +20,9 @@ from .events import Event
 from .templates import TemplateError, is_truthy, render_tree, tree_is_static
 
 _LOG = logging.getLogger(__name__)
+# compact JSON, with one encoder made once: json.dumps with `separators` builds a new
+# JSONEncoder on every call, and this runs for every event a webhook or publish sends
+_compact = json.JSONEncoder(separators=(",", ":")).encode
 
 TOPIC_CACHE = 1024  # MQTT topics whose matching rules are remembered (cleared when full)
 
@@ -236,8 +239,7 @@ class RuleEngine:
         if isinstance(action, WebhookAction):
             target = self.cfg.webhooks[action.webhook]
             if action.body is None:
-                body, ctype = json.dumps(event.to_wire(self.device),
-                                         separators=(",", ":")).encode(), "application/json"
+                body, ctype = _compact(event.to_wire(self.device)).encode(), "application/json"
             elif (i, j) in self._static_bodies:
                 body, ctype = self._static_bodies[(i, j)]
             else:
@@ -254,7 +256,7 @@ class RuleEngine:
         if isinstance(action, PublishAction):
             payload = render_tree(action.payload, ctx)
             if isinstance(payload, (dict, list)):
-                data = json.dumps(payload, separators=(",", ":")).encode()
+                data = _compact(payload).encode()
             else:
                 data = ("" if payload is None else str(payload)).encode()
             topic = action.topic.render(ctx)
@@ -267,7 +269,7 @@ class RuleEngine:
 def encode_body(value: Any) -> tuple[bytes, str]:
     """A mapping or list becomes JSON; a string is sent as-is, as JSON if it parses."""
     if isinstance(value, (dict, list, int, float, bool)) or value is None:
-        return json.dumps(value, separators=(",", ":")).encode(), "application/json"
+        return _compact(value).encode(), "application/json"
     text = str(value)
     try:
         json.loads(text)
