@@ -56,7 +56,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -390,22 +390,21 @@ class Outbox:
             if free < self.min_free_bytes:
                 raise OutboxFull(f"disk nearly full: {free // 1024} KiB free under "
                                  f"{self.path.parent} (keeping {self.min_free_bytes // 1024} KiB)")
-            fields = [("msg_" + new_id(now), d.event_id, d.target, d.url, d.method,
-                       dict(d.headers), bytes(d.body), d.content_type, 0,
-                       int(d.max_attempts), now, now, now + float(d.max_age))
-                      for d in items]
+            new = [Row(0, "msg_" + new_id(now), d.event_id, d.target, d.url, d.method,
+                       dict(d.headers), bytes(d.body), d.content_type, 0, int(d.max_attempts),
+                       now, now, now + float(d.max_age)) for d in items]
             try:
                 if handover is not None:  # first: the sender may start while we write
-                    handover.offer([Row(0, *f) for f in fields])
-                rows = [(f[0], f[1], f[2], f[3], f[4],
-                         json.dumps(f[5], separators=(",", ":")) if f[5] else "{}", f[6],
-                         f[7], f[9], float(d.max_age), now, now, f[12])
-                        for f, d in zip(fields, items, strict=True)]
+                    handover.offer(new)
                 with self.tx() as c:
                     c.executemany(
                         "INSERT INTO deliveries (webhook_id, event_id, target, url, method,"
                         " headers, body, content_type, max_attempts, max_age, created_at,"
-                        " next_attempt_at, deadline) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+                        " next_attempt_at, deadline) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                        [(r.webhook_id, r.event_id, r.target, r.url, r.method,
+                          json.dumps(r.headers, separators=(",", ":")), r.body,
+                          r.content_type, r.max_attempts, float(d.max_age), now, now,
+                          r.deadline) for r, d in zip(new, items, strict=True)])
                     # AUTOINCREMENT under the write lock: one batch gets consecutive ids.
                     first = c.execute("SELECT last_insert_rowid()").fetchone()[0] \
                         - len(items) + 1
@@ -413,7 +412,7 @@ class Outbox:
                 if handover is not None:
                     handover.settle(None)
                 raise
-            stored = [Row(first + i, *f) for i, f in enumerate(fields)]
+            stored = [replace(r, id=first + i) for i, r in enumerate(new)]
             self._apply({"pending": len(items)})
             if handover is not None:
                 handover.settle(stored)
