@@ -446,7 +446,7 @@ def early(conn: _Connection, url: str, body: bytes, written: int | None = None,
 
 @pytest.mark.parametrize("written", [None, 0, 7, 40])
 def test_a_request_written_early_is_finished_by_send(serve, written: int | None) -> None:
-    """send() writes what the early write left and reads the answer: the server gets
+    """finish() writes what the early write left and reads the answer: the server gets
     the request once, whole, on the same connection."""
     srv = serve(answer_each(OK, b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n"))
     c = client()
@@ -454,7 +454,7 @@ def test_a_request_written_early_is_finished_by_send(serve, written: int | None)
     started, request = early(c, srv.url(), b'{"second":true}', written)
     assert started is not None
     assert started.sent == (len(request) if written is None else written)
-    r = c.send("POST", srv.url(), {}, b"", TIMEOUT, started)
+    r = c.finish(started, "POST", TIMEOUT)
     assert (r.status, r.error) == (201, None)
     srv.finish()
     assert srv.accepts == 1 and srv.requests[1] == request
@@ -480,7 +480,7 @@ def test_a_part_written_early_on_a_connection_then_dropped_is_sent_whole_afresh(
     assert started is not None and started.sent == 7
     written.set()
     assert srv.events["closed"].wait(WAIT)
-    r = c.send("POST", srv.url(), {}, b"", TIMEOUT, started)
+    r = c.finish(started, "POST", TIMEOUT)
     assert (r.status, r.error) == (201, None)
     srv.finish()
     assert srv.accepts == 2 and srv.requests[-1] == request
@@ -875,7 +875,7 @@ def test_tls_idle_connection_closed_by_server_is_remade(serve, tls_cert,
 def test_tls_request_written_early_is_finished_by_send(serve, tls_cert,
                                                       tls_server_ctx) -> None:
     """An early write on an idle TLS connection takes the whole request at once (one
-    record); send() reads the answer on that connection without writing it again."""
+    record); finish() reads the answer on that connection without writing it again."""
     srv = serve(answer_each(OK, b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n"),
                 tls=tls_server_ctx)
     c = _Connection(_trusting(tls_cert[0]))
@@ -883,7 +883,7 @@ def test_tls_request_written_early_is_finished_by_send(serve, tls_cert,
     assert post(c, url, b"first").status == 200
     started, request = early(c, url, b'{"second":true}')
     assert started is not None and started.sent == len(request)  # the whole request
-    r = c.send("POST", url, {}, b"", TIMEOUT, started)
+    r = c.finish(started, "POST", TIMEOUT)
     assert (r.status, r.error) == (201, None)
     srv.finish()
     assert srv.accepts == 1 and srv.requests[1] == request

@@ -301,7 +301,7 @@ class _Connection:
         """Start `request` on the open keep-alive connection without ever blocking
         (called by the storing thread, see :class:`_Early`): the bytes the socket
         took (0 when it is broken), or None when there is no idle open connection
-        to `origin` to write on. :meth:`send` then writes the rest and reads the
+        to `origin` to write on. :meth:`finish` then writes the rest and reads the
         response."""
         sock = self._sock
         if sock is None or self._origin != origin or len(request) > EARLY_MAX:
@@ -315,23 +315,29 @@ class _Connection:
                 return None
             sock.settimeout(0.0)
             return sock.send(request)
-        except OSError:  # a full buffer or a dead connection: send() deals with it
+        except OSError:  # a full buffer or a dead connection: finish() deals with it
             return 0
 
     def send(self, method: str, url: str, headers: dict[str, str], body: bytes,
-             timeout: float, early: _Early | None = None) -> _Attempt:
-        """One request; a keep-alive connection the server closed is re-made once.
+             timeout: float) -> _Attempt:
+        """One request; a keep-alive connection the server closed is re-made once."""
+        prepared = self.prepare(method, url, headers, body)
+        if isinstance(prepared, _Attempt):
+            return prepared
+        origin, request = prepared
+        return self._exchange(method, origin, request, 0, time.monotonic(), timeout)
 
-        With `early`, the request was prepared and (partly) written already."""
-        if early is None:
-            prepared = self.prepare(method, url, headers, body)
-            if isinstance(prepared, _Attempt):
-                return prepared
-            (origin, request), sent = prepared, 0
-        else:
-            origin, request, sent = early.origin, early.request, early.sent
-        # for the whole attempt (from its first byte), not per read
-        deadline = (time.monotonic() if early is None else early.start) + timeout
+    def finish(self, early: _Early, method: str, timeout: float) -> _Attempt:
+        """:meth:`send` for a request :meth:`write_early` began: the rest of it, then
+        the response (the timeout counts from its first byte)."""
+        return self._exchange(method, early.origin, early.request, early.sent, early.start,
+                              timeout)
+
+    def _exchange(self, method: str, origin: tuple[str, str, int], request: bytes,
+                  sent: int, start: float, timeout: float) -> _Attempt:
+        """Write `request` (its first `sent` bytes are out already on the open
+        connection) and read the response."""
+        deadline = start + timeout  # for the whole attempt, not per read
         for fresh in (False, True):
             sock = self._sock
             reused = sock is not None and self._origin == origin and not fresh
@@ -940,7 +946,7 @@ class _Worker:
             return True
         if early is not None:
             start = early.start
-            result = self.conn.send(row.method, row.url, {}, row.body, cfg.timeout, early)
+            result = self.conn.finish(early, row.method, cfg.timeout)
         else:
             start = time.monotonic()
             try:
