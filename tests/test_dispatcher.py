@@ -155,3 +155,75 @@ def test_run_now_behind_a_hung_batch_queues_the_event_and_returns() -> None:
     finally:
         engine.hold.set()
         d.stop()
+
+
+def test_offer_runs_on_the_callers_thread_after_a_quiet_spell() -> None:
+    engine = Recording()
+    bus, d = make(engine)
+    d.start()
+    try:
+        d.offer(make_event("mqtt.message", "quiet"))
+        # done when offer returns: nothing was queued for the dispatcher thread
+        assert engine.seen == [("quiet", threading.current_thread().name)]
+        assert d.events_total == 1 and len(bus) == 0
+    finally:
+        d.stop()
+
+
+def test_offer_queues_in_a_burst_so_that_batches_stay_whole(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dp, "QUIET_BEFORE_INLINE", 60.0)  # every offer counts as a burst
+    engine = Recording()
+    bus, d = make(engine)
+    d._last_done = time.monotonic()
+    for i in range(3):
+        d.offer(make_event("mqtt.message", f"burst-{i}"))
+    assert engine.seen == [] and len(bus) == 3  # queued, not run by the caller
+    d.start()
+    try:
+        deadline = time.monotonic() + 5
+        while len(engine.seen) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert [s for s, _ in engine.seen] == ["burst-0", "burst-1", "burst-2"]
+        assert {t for _, t in engine.seen} == {"edgehook-dispatcher"}
+    finally:
+        d.stop()
+
+
+def test_offer_behind_a_queue_keeps_the_order() -> None:
+    engine = Recording()
+    bus, d = make(engine)  # not started: what is queued stays queued
+    bus.put(make_event("hook.received", "queued"))
+    d.offer(make_event("mqtt.message", "offered"))
+    assert engine.seen == [] and len(bus) == 2
+    d.start()
+    try:
+        deadline = time.monotonic() + 5
+        while len(engine.seen) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert [s for s, _ in engine.seen] == ["queued", "offered"]
+    finally:
+        d.stop()
+
+
+def test_offer_never_waits_for_a_running_batch() -> None:
+    engine = Recording()
+    engine.hold.clear()
+    bus, d = make(engine)
+    d.start()
+    try:
+        bus.put(make_event("hook.received", "slow"))
+        assert engine.held.wait(5)
+        d._last_done = 0.0  # long quiet before the slow batch: only the lock is in the way
+        t0 = time.monotonic()
+        d.offer(make_event("mqtt.message", "offered"))
+        assert time.monotonic() - t0 < 0.5 and len(bus) == 1  # queued at once
+        engine.hold.set()
+        deadline = time.monotonic() + 5
+        while len(engine.seen) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert [s for s, _ in engine.seen] == ["slow", "offered"]
+        assert engine.seen[1][1] == "edgehook-dispatcher"
+    finally:
+        engine.hold.set()
+        d.stop()

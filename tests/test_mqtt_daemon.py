@@ -80,6 +80,31 @@ def test_trigger_if_retained_and_oversize(tmp_path: Path, write_config, daemon,
     assert d.stop() == 0
 
 
+def test_message_to_an_idle_daemon_survives_a_kill_before_it_is_stored(
+        tmp_path: Path, write_config, daemon, mosquitto: Mosquitto, sink: Receiver) -> None:
+    """A QoS 1 message that finds the dispatcher idle is run on paho's thread, and
+    paho acknowledges it only after that returns: killed before its webhook is
+    stored, the daemon still has it from the broker (persistent session) after the
+    restart. Queued on the bus instead, it would be acknowledged, then lost."""
+    port = free_port()
+    cfg = write_config(CONFIG.format(state=tmp_path / "state", mqtt_port=mosquitto.port,
+                                     port=port, sink=sink.url))
+    d = daemon(cfg, port=port, env={"EDGEHOOK_TEST_HANG_EVENT": "mqtt.message"})
+    d.wait_ready()
+    wait_until(lambda: connected(d), what="daemon connected")
+    with MqttProbe(mosquitto) as probe:
+        probe.publish("alarm/attic/state", json.dumps({"state": "triggered"}))
+    d.wait_log("EDGEHOOK_TEST_HANG_EVENT: dispatcher hangs on")  # before the outbox
+    d.signal(signal.SIGKILL)
+    assert d.proc.wait(10) == -signal.SIGKILL
+    assert sink.requests == []
+    again = daemon(cfg, port=port)
+    again.wait_ready()
+    (req,) = sink.wait_for(1, timeout=20)
+    assert json.loads(req.body) == {"zone": "alarm/attic/state", "state": "triggered"}
+    assert again.stop() == 0
+
+
 def test_commands_states_and_echo(tmp_path: Path, write_config, daemon, mosquitto: Mosquitto,
                                   sink: Receiver) -> None:
     d = start(tmp_path, write_config, daemon, mosquitto.port, sink)

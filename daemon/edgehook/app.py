@@ -97,7 +97,7 @@ class Daemon:
 
         filters = self.dispatcher.engine.mqtt_filters()
         self.mqtt = MqttLink(cfg.mqtt, cfg.device, cfg.gpio, filters,
-                             put=self.bus.put, on_command=self._mqtt_command,
+                             put=self.dispatcher.offer, on_command=self._mqtt_command,
                              states=self._bool_states)
         self.mqtt.start()
 
