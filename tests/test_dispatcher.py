@@ -85,6 +85,25 @@ def make(engine: Recording) -> tuple[Bus, Dispatcher]:
         states=lambda: {}))
 
 
+def hung() -> tuple[Recording, Bus, Dispatcher]:
+    """A started dispatcher busy with one event ("slow") until ``engine.hold`` is set."""
+    engine = Recording()
+    engine.hold.clear()
+    bus, d = make(engine)
+    d.start()
+    bus.put(make_event("hook.received", "slow"))
+    assert engine.held.wait(5)
+    return engine, bus, d
+
+
+def sources_seen(engine: Recording, n: int) -> list[str]:
+    """The sources of the events run so far, once there are `n` (or after 5 s)."""
+    deadline = time.monotonic() + 5
+    while len(engine.seen) < n and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return [s for s, _ in engine.seen]
+
+
 def test_run_now_runs_on_the_callers_thread_when_nothing_is_queued() -> None:
     engine = Recording()
     bus, d = make(engine)
@@ -136,13 +155,8 @@ def test_run_now_waits_behind_a_long_queue(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def test_run_now_behind_a_hung_batch_queues_the_event_and_returns() -> None:
-    engine = Recording()
-    engine.hold.clear()
-    bus, d = make(engine)
-    d.start()
+    engine, bus, d = hung()
     try:
-        bus.put(make_event("hook.received", "slow"))
-        assert engine.held.wait(5)
         reply = Reply()
         t0 = time.monotonic()
         d.run_now(make_event("hook.received", "sync"), reply, 0.3)
@@ -181,10 +195,7 @@ def test_offer_queues_in_a_burst_so_that_batches_stay_whole(
     assert engine.seen == [] and len(bus) == 3  # queued, not run by the caller
     d.start()
     try:
-        deadline = time.monotonic() + 5
-        while len(engine.seen) < 3 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert [s for s, _ in engine.seen] == ["burst-0", "burst-1", "burst-2"]
+        assert sources_seen(engine, 3) == ["burst-0", "burst-1", "burst-2"]
         assert {t for _, t in engine.seen} == {"edgehook-dispatcher"}
     finally:
         d.stop()
@@ -198,31 +209,20 @@ def test_offer_behind_a_queue_keeps_the_order() -> None:
     assert engine.seen == [] and len(bus) == 2
     d.start()
     try:
-        deadline = time.monotonic() + 5
-        while len(engine.seen) < 2 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert [s for s, _ in engine.seen] == ["queued", "offered"]
+        assert sources_seen(engine, 2) == ["queued", "offered"]
     finally:
         d.stop()
 
 
 def test_offer_never_waits_for_a_running_batch() -> None:
-    engine = Recording()
-    engine.hold.clear()
-    bus, d = make(engine)
-    d.start()
+    engine, bus, d = hung()
     try:
-        bus.put(make_event("hook.received", "slow"))
-        assert engine.held.wait(5)
         d._last_done = 0.0  # long quiet before the slow batch: only the lock is in the way
         t0 = time.monotonic()
         d.offer(make_event("mqtt.message", "offered"))
         assert time.monotonic() - t0 < 0.5 and len(bus) == 1  # queued at once
         engine.hold.set()
-        deadline = time.monotonic() + 5
-        while len(engine.seen) < 2 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert [s for s, _ in engine.seen] == ["slow", "offered"]
+        assert sources_seen(engine, 2) == ["slow", "offered"]
         assert engine.seen[1][1] == "edgehook-dispatcher"
     finally:
         engine.hold.set()
