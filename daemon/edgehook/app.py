@@ -51,7 +51,7 @@ class Daemon:
         self.counters: Counter[str] = Counter()
         self.delivery_latency = Histogram()
         # GPIO first: on a machine without pins we exit before creating the outbox file
-        self.gpio = Gpio(cfg.gpio, self.bus.put, self.scheduler, pin_factory=pin_factory)
+        self.gpio = Gpio(cfg.gpio, self._offer, self.scheduler, pin_factory=pin_factory)
         self.outbox = Outbox(Path(cfg.state_dir) / "outbox.db")
         self.sender = Sender(self.outbox, cfg.webhooks, on_result=self._on_delivery)
         self.dispatcher = Dispatcher(self.bus, RuleEngine(cfg), Actions(
@@ -97,7 +97,7 @@ class Daemon:
 
         filters = self.dispatcher.engine.mqtt_filters()
         self.mqtt = MqttLink(cfg.mqtt, cfg.device, cfg.gpio, filters,
-                             put=self.dispatcher.offer, on_command=self._mqtt_command,
+                             put=self._offer, on_command=self._mqtt_command,
                              states=self._bool_states)
         self.mqtt.start()
 
@@ -183,7 +183,7 @@ class Daemon:
             _LOG.info("GPIO configuration changed: reopening pins")
             was_on = {n: v["state"] == "on" for n, v in self.gpio.output_states().items()}
             self.gpio.close(apply_on_stop=False)
-            gpio = Gpio(new.gpio, self.bus.put, self.scheduler, pin_factory=self.gpio.factory)
+            gpio = Gpio(new.gpio, self._offer, self.scheduler, pin_factory=self.gpio.factory)
             gpio.start()
             self.gpio = gpio
             # an output whose own config did not change keeps its state (its max_on is
@@ -211,6 +211,11 @@ class Daemon:
             _LOG.warning("http.listen changed: restart edgehook to move the listener")
         self.http.set_api(self._api(new))
         self.cfg = new
+
+    def _offer(self, event: Event) -> None:
+        """Pins and MQTT: the event runs on the source's thread when the dispatcher is
+        idle, else it is queued (Dispatcher.offer; README, Design notes)."""
+        self.dispatcher.offer(event)
 
     # ------------------------------------------------------------------ dispatcher's hands
     def _store(self, calls: Sequence[tuple[Event, WebhookCall]]) -> None:
