@@ -4,10 +4,11 @@ edgehook runs in this process exactly as `edgehook run` builds it (``app.Daemon`
 mock pin factory, the outbox on a temporary state directory, durability as
 shipped). A press is a MockPin edge (``pin.drive_low()`` on a pulled-up input), so
 the measured path is everything after the wire: gpiozero's callback (on the
-pressing thread, as MockPin calls it), the input logic, the bus, the dispatcher
-and its rules, the outbox's hand-over and the POST (written by the dispatcher
-itself when the sender thread is idle on an open connection, see
-``delivery._Early``), with the INSERT and COMMIT beside it. The receiver is a
+pressing thread, as MockPin calls it), the input logic, the rules (on that same
+thread when the dispatcher is idle, else on the dispatcher after the bus), the
+outbox's hand-over and the POST (written by the storing thread itself when the
+sender thread is idle on an open connection, see ``delivery._Early``), with the
+INSERT and COMMIT beside it. The receiver is a
 stdlib HTTP/1.1 keep-alive server in a *subprocess* (it does not compete for our
 GIL) that stamps each request with CLOCK_MONOTONIC (system-wide on Linux) as soon
 as the body is read.

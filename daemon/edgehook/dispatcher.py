@@ -1,7 +1,8 @@
 """The event bus and the one dispatcher thread: events in, rules evaluated, actions run.
 
-Sources (pins, MQTT, HTTP, timers) only `put()`; everything else happens here, in
-order, one batch at a time. Webhook actions of a whole batch of events go to the
+Sources (pins, MQTT, HTTP, timers) hand events over (``put()``, or for pins and MQTT
+:meth:`Dispatcher.offer`, see below); everything else happens here, in order, one
+batch at a time. Webhook actions of a whole batch of events go to the
 outbox in one transaction (group commit) before any of those events counts as handled.
 
 One exception to "on the dispatcher thread": a synchronous hook, whose HTTP thread

@@ -41,7 +41,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import io
-import json
 import logging
 import math
 import re
@@ -62,7 +61,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from . import __version__
 from .config import HookConfig, is_loopback, parse_duration
 from .errors import CommandError
-from .events import make_event
+from .events import compact_json, make_event
 from .hooks import (
     HookError,
     HookGuards,
@@ -884,7 +883,7 @@ class _Handler(BaseHTTPRequestHandler):
         """Status line, headers and body in one write (one segment for small answers)."""
         body = resp.body
         if isinstance(body, (dict, list)):
-            data = json.dumps(body, separators=(",", ":")).encode()
+            data = compact_json(body).encode()
             ctype = resp.content_type or "application/json"
         elif isinstance(body, str):
             data = body.encode()

@@ -70,7 +70,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .errors import EdgehookError
-from .events import new_id, rfc3339
+from .events import compact_json, new_id, rfc3339
 
 _LOG = logging.getLogger(__name__)
 
@@ -412,7 +412,7 @@ class Outbox:
                         " headers, body, content_type, max_attempts, max_age, created_at,"
                         " next_attempt_at, deadline) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                         [(r.webhook_id, r.event_id, r.target, r.url, r.method,
-                          json.dumps(r.headers, separators=(",", ":")), r.body,
+                          compact_json(r.headers), r.body,
                           r.content_type, r.max_attempts, float(d.max_age), now, now,
                           r.deadline) for r, d in zip(new, items, strict=True)])
                     # AUTOINCREMENT under the write lock: one batch gets consecutive ids.

@@ -16,13 +16,10 @@ from datetime import datetime
 from typing import Any
 
 from .config import Config, OutputAction, PublishAction, Rule, WebhookAction
-from .events import Event
+from .events import Event, compact_json
 from .templates import TemplateError, is_truthy, render_tree, tree_is_static
 
 _LOG = logging.getLogger(__name__)
-# compact JSON, with one encoder made once: json.dumps with `separators` builds a new
-# JSONEncoder on every call, and this runs for every event a webhook or publish sends
-_compact = json.JSONEncoder(separators=(",", ":")).encode
 
 TOPIC_CACHE = 1024  # MQTT topics whose matching rules are remembered (cleared when full)
 
@@ -239,7 +236,7 @@ class RuleEngine:
         if isinstance(action, WebhookAction):
             target = self.cfg.webhooks[action.webhook]
             if action.body is None:
-                body, ctype = _compact(event.to_wire(self.device)).encode(), "application/json"
+                body, ctype = compact_json(event.to_wire(self.device)).encode(), "application/json"
             elif (i, j) in self._static_bodies:
                 body, ctype = self._static_bodies[(i, j)]
             else:
@@ -256,7 +253,7 @@ class RuleEngine:
         if isinstance(action, PublishAction):
             payload = render_tree(action.payload, ctx)
             if isinstance(payload, (dict, list)):
-                data = _compact(payload).encode()
+                data = compact_json(payload).encode()
             else:
                 data = ("" if payload is None else str(payload)).encode()
             topic = action.topic.render(ctx)
@@ -269,7 +266,7 @@ class RuleEngine:
 def encode_body(value: Any) -> tuple[bytes, str]:
     """A mapping or list becomes JSON; a string is sent as-is, as JSON if it parses."""
     if isinstance(value, (dict, list, int, float, bool)) or value is None:
-        return _compact(value).encode(), "application/json"
+        return compact_json(value).encode(), "application/json"
     text = str(value)
     try:
         json.loads(text)
