@@ -268,3 +268,94 @@ def test_secrets_inside_free_form_values_are_masked(tmp_path: Path) -> None:
     assert ("rules", 0, "do", 0, "payload", "auth") in cfg.secret_paths
     text = explain(cfg)
     assert "nested-secret-value" not in text and "visible" in text
+
+
+# --------------------------------------------------------------------------- proxies, TLS, URLs
+
+def test_trusted_proxies_become_networks(tmp_path: Path) -> None:
+    import ipaddress
+
+    cfg = load_config(write(tmp_path, """\
+        http:
+          trusted_proxies: [127.0.0.1/32, "10.0.0.0/8", "::1", 192.168.1.7]
+        """), environ={})
+    assert cfg.http.trusted_proxies == (
+        ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("10.0.0.0/8"),
+        ipaddress.ip_network("::1/128"), ipaddress.ip_network("192.168.1.7/32"))
+    assert load_config(write(tmp_path, "http: {}\n"), environ={}).http.trusted_proxies == ()
+
+
+def test_bad_trusted_proxy_names_its_line(tmp_path: Path) -> None:
+    found = problems(tmp_path, """\
+        http:
+          trusted_proxies:
+            - 127.0.0.1/32
+            - 10.0.0.0/33
+        """)
+    assert len(found) == 1
+    assert found[0].startswith(f"{tmp_path / 'c.yaml'}:4:7: "), found
+    assert "'10.0.0.0/33' is not an address or CIDR range" in found[0]
+
+
+def test_webhook_tls_files(tmp_path: Path) -> None:
+    for name in ("ca.pem", "client.crt", "client.key"):
+        (tmp_path / name).write_text("-----BEGIN-----\n")
+    cfg = load_config(write(tmp_path, f"""\
+        webhooks:
+          w:
+            url: https://127.0.0.1:9/x
+            tls: {{ca_file: {tmp_path / 'ca.pem'}, cert_file: client.crt, key_file: client.key}}
+          plain: {{url: "https://127.0.0.1:9/y"}}
+        """), environ={})
+    tls = cfg.webhooks["w"].tls
+    assert tls is not None
+    assert tls.ca_file == str(tmp_path / "ca.pem")
+    assert tls.cert_file == str(tmp_path / "client.crt"), "relative to the config file"
+    assert tls.key_file == str(tmp_path / "client.key")
+    assert cfg.webhooks["plain"].tls is None
+
+
+def test_webhook_tls_problems_name_file_line_col(tmp_path: Path) -> None:
+    (tmp_path / "client.key").write_text("key\n")
+    found = problems(tmp_path, """\
+        webhooks:
+          w:
+            url: https://127.0.0.1:9/x
+            tls:
+              ca_file: /nonexistent/ca.pem
+              key_file: client.key
+        """)
+    path = str(tmp_path / "c.yaml")
+    assert any(p.startswith(f"{path}:5:") and "cannot read /nonexistent/ca.pem" in p
+               and "No such file" in p for p in found), found
+    assert any(p.startswith(f"{path}:6:") and "key_file: needs cert_file" in p
+               for p in found), found
+
+
+def test_unreadable_tls_file_is_reported(tmp_path: Path) -> None:
+    import os
+
+    key = tmp_path / "client.key"
+    key.write_text("key\n")
+    key.chmod(0)
+    if os.access(key, os.R_OK):
+        pytest.skip("running as root: every file is readable")
+    found = problems(tmp_path, f"webhooks:\n  w:\n    url: https://a.b/\n"
+                               f"    tls: {{cert_file: {key}, key_file: {key}}}\n")
+    assert any(":4:" in p and "Permission denied" in p for p in found), found
+
+
+def test_url_credentials_are_accepted_and_never_printed(tmp_path: Path) -> None:
+    from edgehook.explain import explain
+
+    cfg = load_config(write(tmp_path, """\
+        webhooks:
+          w: {url: "https://alice:pa55word-xyz@example.com/hook"}
+        """), environ={})
+    assert cfg.webhooks["w"].url.source == "https://alice:pa55word-xyz@example.com/hook"
+    assert "pa55word-xyz" not in cfg.summary()
+    shown = explain(cfg)
+    assert "pa55word-xyz" not in shown and "alice:********@example.com" in shown
+    found = problems(tmp_path, 'webhooks:\n  w: {url: "https://alice:pa55word-xyz@"}\n')
+    assert found and all("pa55word-xyz" not in p for p in found), found
+    assert "is not an http(s) URL" in found[0]

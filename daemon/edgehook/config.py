@@ -16,6 +16,7 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from . import schema as S
 from .errors import ConfigError
@@ -91,6 +92,26 @@ def parse_listen(text: str) -> tuple[str, int]:
     if not 0 <= port <= 65535:
         raise ValueError(f"port {port} out of range")
     return host, port
+
+
+def redact_url(text: str) -> str:
+    """The URL with the password of `user:password@` masked, for messages and summaries."""
+    scheme = re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", text)
+    if not scheme:
+        return text
+    rest = text[scheme.end():]
+    end = len(rest)
+    for sep in "/?#":
+        i = rest.find(sep)
+        if i != -1:
+            end = min(end, i)
+    authority, tail = rest[:end], rest[end:]
+    if "@" not in authority:
+        return text
+    userinfo, host = authority.rsplit("@", 1)
+    user = userinfo.split(":", 1)[0]
+    masked = f"{user}:********" if ":" in userinfo else user
+    return f"{scheme.group(0)}{masked}@{host}{tail}"
 
 
 def is_loopback(host: str) -> bool:
@@ -192,6 +213,7 @@ class HttpConfig:
     max_body: int = 65536
     timeout: float = 5.0
     max_connections: int = 32
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,6 +226,15 @@ class Signing:
 
 
 @dataclass(frozen=True, slots=True)
+class WebhookTls:
+    """TLS files for one target: a private CA, and a client certificate for mutual TLS."""
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class WebhookConfig:
     name: str
     url: Template
@@ -213,6 +244,7 @@ class WebhookConfig:
     signing: Signing | None = None
     max_attempts: int = 12
     max_age: float = 900.0
+    tls: WebhookTls | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -529,9 +561,10 @@ def _suggest(word: str, options: list[str]) -> str:
 class _Builder:
     """Turns checked plain values into dataclasses and checks cross-references."""
 
-    def __init__(self, checker: _Checker, environ: dict[str, str]) -> None:
+    def __init__(self, checker: _Checker, environ: dict[str, str], base: Path) -> None:
         self.c = checker
         self.environ = environ
+        self.base = base  # relative file names are relative to the config file
 
     def mark(self, *path: Any) -> Mark:
         while path and path not in self.c.marks:
@@ -685,7 +718,51 @@ class _Builder:
                                          "so http.api_token is required")
         return HttpConfig(host=host, port=port, api_token=token,
                           max_body=h.get("max_body") or 65536, timeout=h.get("timeout") or 5.0,
-                          max_connections=h.get("max_connections") or 32)
+                          max_connections=h.get("max_connections") or 32,
+                          trusted_proxies=self.networks(h.get("trusted_proxies"),
+                                                        ("http", "trusted_proxies")))
+
+    def networks(self, items: list[Any] | None, path: tuple[Any, ...],
+                 ) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        """Addresses and CIDR ranges; a bare address is a one-address network."""
+        nets = []
+        for i, cidr in enumerate(items or []):
+            if cidr is None:
+                continue
+            try:
+                nets.append(ipaddress.ip_network(cidr, strict=False))
+            except ValueError:
+                self.err((*path, i), f"{'.'.join(map(str, path))}: {cidr!r} is not an "
+                                     "address or CIDR range (e.g. 192.168.1.0/24)")
+        return tuple(nets)
+
+    def tls_files(self, t: dict[str, Any] | None, path: tuple[Any, ...]) -> WebhookTls | None:
+        """Each file must exist and be readable now, not at the first delivery."""
+        if not t:
+            return None
+        where = ".".join(map(str, path))
+        files: dict[str, str | None] = {}
+        for key in ("ca_file", "cert_file", "key_file"):
+            value = t.get(key)
+            if not value:
+                files[key] = None
+                continue
+            p = Path(value).expanduser()
+            if not p.is_absolute():
+                p = self.base / p
+            files[key] = str(p)
+            try:
+                with open(p, "rb"):
+                    pass
+            except OSError as exc:
+                reason = exc.strerror or str(exc)
+                if isinstance(exc, PermissionError):
+                    reason += " (the daemon's user must be able to read it)"
+                self.err((*path, key), f"{where}.{key}: cannot read {p}: {reason}")
+        if files["key_file"] and not files["cert_file"]:
+            self.err((*path, "key_file"), f"{where}.key_file: needs cert_file (the client "
+                                          "certificate the key belongs to)")
+        return WebhookTls(**files)
 
     def signing(self, s: dict[str, Any] | None, path: tuple[Any, ...] = ()) -> Signing | None:
         if not s:
@@ -701,15 +778,16 @@ class _Builder:
     def webhook(self, name: str, w: dict[str, Any]) -> WebhookConfig:
         p = ("webhooks", name)
         url = self.template(w["url"], (*p, "url"))
-        if url is not None and getattr(url, "is_static", False) \
-                and not re.match(r"^https?://[^/\s]+", url.source):
-            self.err((*p, "url"), f"webhooks.{name}.url: {url.source!r} is not an http(s) URL")
+        if url is not None and getattr(url, "is_static", False) and not _http_url(url.source):
+            self.err((*p, "url"), f"webhooks.{name}.url: {redact_url(url.source)!r} is not an "
+                                  "http(s) URL")
         headers = {k: self.template(v, (*p, "headers", k)) for k, v in w["headers"].items()}
         retry = w.get("retry") or {"max_attempts": 12, "max_age": 900.0}
         return WebhookConfig(name=name, url=url, method=w["method"], headers=headers,
                              timeout=w["timeout"],
                              signing=self.signing(w.get("signing"), (*p, "signing")),
-                             max_attempts=retry["max_attempts"], max_age=retry["max_age"])
+                             max_attempts=retry["max_attempts"], max_age=retry["max_age"],
+                             tls=self.tls_files(w.get("tls"), (*p, "tls")))
 
     def hook(self, name: str, h: dict[str, Any]) -> HookConfig:
         p = ("hooks", name)
@@ -722,17 +800,11 @@ class _Builder:
             auth = HookAuth("hmac", signing=self.signing(a["hmac"], (*p, "auth", "hmac")))
         else:
             auth = HookAuth("none")
-        nets = []
-        for i, cidr in enumerate(h.get("allow_from") or []):
-            try:
-                nets.append(ipaddress.ip_network(cidr, strict=False))
-            except ValueError:
-                self.err((*p, "allow_from", i), f"hooks.{name}.allow_from: {cidr!r} is not "
-                                                "an address or CIDR range")
+        nets = self.networks(h.get("allow_from"), (*p, "allow_from"))
         rl = h.get("rate_limit") or {"requests": 30, "per": 60.0}
         if rl["per"] <= 0:
             self.err((*p, "rate_limit", "per"), f"hooks.{name}.rate_limit.per: must be > 0")
-        return HookConfig(name=name, auth=auth, allow_from=tuple(nets), respond=h["respond"],
+        return HookConfig(name=name, auth=auth, allow_from=nets, respond=h["respond"],
                           rate_requests=rl["requests"], rate_per=rl["per"] or 60.0)
 
     def rule(self, i: int, r: dict[str, Any], gpio: GpioConfig,
@@ -846,6 +918,18 @@ def _pin_key(pin: Any) -> str:
     return "GPIO" + s if s.isdigit() else s.replace("BCM", "GPIO")
 
 
+def _http_url(text: str) -> bool:
+    """An http(s) URL with a host (credentials before the host are fine)."""
+    if not re.match(r"^https?://[^/\s]+", text) or any(c.isspace() for c in text):
+        return False
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError:
+        return False
+    return bool(parts.hostname)
+
+
 def _valid_filter(flt: str) -> bool:
     if not flt or "\0" in flt:
         return False
@@ -875,7 +959,7 @@ def load_config(path: str | os.PathLike[str], environ: dict[str, str] | None = N
     raw = checker.check(S.ROOT, located, ())
     if raw is None:
         raise ConfigError(checker.problems)
-    builder = _Builder(checker, env)
+    builder = _Builder(checker, env, Path(path).parent)
     cfg = builder.build(raw, name)
     if checker.problems:
         raise ConfigError(_sorted_problems(checker.problems))

@@ -7,8 +7,8 @@ and walks the result along `schema.ROOT` so durations and sizes read as written
 (`30s`, `64KiB`) and keys keep the schema's order.
 
 Masked: every value that came from `!env` or `!file` (`cfg.secret_paths`), every
-value under a key named password, secret, token or api_token, and header values
-whose name says they carry a credential.
+value under a key named password, secret, token or api_token, header values
+whose name says they carry a credential, and the password in a `user:password@` URL.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from . import schema as S
-from .config import Config
+from .config import Config, redact_url
 from .schema_export import format_duration, format_size
 
 MASK = "********"
@@ -140,6 +140,8 @@ def _scalar(node: S.Scalar, value: Any) -> Any:
         return format_duration(float(value))
     if node.kind == S.SIZE and isinstance(value, int):
         return format_size(value)
+    if isinstance(value, str) and "://" in value:
+        return redact_url(value)  # https://user:password@host/: the password is a secret
     return value
 
 

@@ -202,7 +202,20 @@ HTTP = Obj({
     "timeout": Key(DURATION_NODE, "a client must send its whole request within this time",
                    default=5.0),
     "max_connections": Key(_s(INT, minimum=1), "concurrent connections served", default=32),
+    "trusted_proxies": Key(ListOf(_s(STR), single_ok=True),
+                           "addresses or CIDR ranges of reverse proxies (nginx, Caddy) whose "
+                           "X-Forwarded-For names the client that allow_from and rate limits "
+                           "judge", default=[], example="[127.0.0.1/32]"),
 }, "HTTP listener")
+
+WEBHOOK_TLS = Obj({
+    "ca_file": Key(_s(STR), "CA bundle to verify the target with (a private CA; default: "
+                   "the system CAs)", example="/etc/edgehook/ca.pem"),
+    "cert_file": Key(_s(STR), "client certificate (mutual TLS)",
+                     example="/etc/edgehook/client.crt"),
+    "key_file": Key(_s(STR), "client key; needs cert_file (default: the key is in cert_file)",
+                    example="/etc/edgehook/client.key"),
+}, "TLS settings for one target")
 
 SIGNING = Obj({
     "scheme": Key(_enum("standard", "github"), "Standard Webhooks or GitHub's "
@@ -213,7 +226,8 @@ SIGNING = Obj({
 })
 
 WEBHOOK = Obj({
-    "url": Key(_s(TEMPLATE), "target URL (template)", required=True,
+    "url": Key(_s(TEMPLATE), "target URL (template); user:password@ in it is sent as HTTP "
+               "Basic auth", required=True,
                example="!env DISCORD_WEBHOOK_URL"),
     "method": Key(_enum("POST", "PUT", "PATCH"), "HTTP method", default="POST"),
     "headers": Key(NamedMap(_s(TEMPLATE), name_pattern=r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"),
@@ -227,6 +241,7 @@ WEBHOOK = Obj({
         "max_age": Key(DURATION_NODE, "give up (dead) this long after the event", default=900.0,
                        example="15m"),
     }), "retry policy"),
+    "tls": Key(WEBHOOK_TLS, "private CA and client certificate for https:// targets"),
 }, "an outbound webhook target")
 
 HOOK_AUTH = Union({
