@@ -17,7 +17,16 @@ from hypothesis import strategies as st
 from edgehook import events
 from edgehook.config import Config, load_config
 from edgehook.events import make_event, new_id, rfc3339
-from edgehook.rules import OutputCall, PublishCall, RuleEngine, WebhookCall, encode_body
+from edgehook.rules import (
+    SKIP_IF_ERROR,
+    SKIP_IF_FALSE,
+    SKIP_RETAINED,
+    OutputCall,
+    PublishCall,
+    RuleEngine,
+    WebhookCall,
+    encode_body,
+)
 
 CONFIG = """\
 device: {id: porch, name: Porch}
@@ -35,6 +44,7 @@ webhooks:
   plain: {url: "http://127.0.0.1:1/plain"}
 hooks:
   porch: {auth: none}
+  slow: {auth: none}
 rules:
   - name: ring
     when: {input: doorbell}
@@ -73,6 +83,17 @@ rules:
   - name: hello
     when: {start: true}
     do: [{webhook: plain, body: "static text"}]
+  - name: held-guard
+    when: {input: doorbell, event: held}
+    if: "{{ event.nope.deeper }}"
+    do: [{publish: guard}]
+  - name: held-light
+    when: {input: doorbell, event: held}
+    do: [{output: light, set: off}]
+  - name: slow
+    when: {hook: slow}
+    cooldown: 2h
+    do: [{publish: slow}]
 """
 
 
@@ -100,6 +121,7 @@ CASES = [
     ("output.changed", "light", {"state": "on"}, ["light-on"]),
     ("output.changed", "light", {"state": "off"}, []),
     ("daemon.started", "porch", {}, ["hello"]),
+    ("input.held", "doorbell", {}, ["held-light"]),
 ]
 
 
@@ -138,6 +160,68 @@ def test_cooldown(cfg: Config) -> None:
     assert engine.evaluate(e1).fired == ["ring"]
     assert engine.evaluate(e2).fired == []
     assert engine.evaluate(e3).fired == ["ring"]
+
+
+ALARM = "alarm/kitchen/state"
+SKIP_CASES = [
+    # id, events run first (type, source, data, time), the event, (fired, skipped)
+    ("first-press-fires", [], ("input.pressed", "doorbell", {}, 1000.0), ["ring"], []),
+    ("cooldown-seconds", [("input.pressed", "doorbell", {}, 1000.0)],
+     ("input.pressed", "doorbell", {}, 1002.8), [], [("ring", "cooldown: 7.2 s left")]),
+    ("cooldown-last-tenth", [("input.pressed", "doorbell", {}, 1000.0)],
+     ("input.pressed", "doorbell", {}, 1009.99), [], [("ring", "cooldown: 0.1 s left")]),
+    ("cooldown-over", [("input.pressed", "doorbell", {}, 1000.0)],
+     ("input.pressed", "doorbell", {}, 1010.0), ["ring"], []),
+    ("cooldown-hours", [("hook.received", "slow", {}, 0.0)],
+     ("hook.received", "slow", {}, 12.0), [], [("slow", "cooldown: 1 h 59 min left")]),
+    ("cooldown-minutes", [("hook.received", "slow", {}, 0.0)],
+     ("hook.received", "slow", {}, 7140.0), [], [("slow", "cooldown: 1 min 0 s left")]),
+    ("if-false", [], ("mqtt.message", ALARM, {"payload": {"state": "ok"}}, 1.0),
+     [], [("alarm", SKIP_IF_FALSE)]),
+    ("if-true", [], ("mqtt.message", ALARM, {"payload": {"state": "triggered"}}, 1.0),
+     ["alarm"], []),
+    ("retained-not-taken", [],
+     ("mqtt.message", ALARM, {"payload": {"state": "triggered"}, "retain": True}, 1.0),
+     [], [("alarm", SKIP_RETAINED)]),
+    ("retained-taken", [], ("mqtt.message", "sensors/a", {"payload": 1, "retain": True}, 1.0),
+     ["retained-ok"], []),
+    ("if-error-beside-a-firing-rule", [], ("input.held", "doorbell", {}, 1.0),
+     ["held-light"], [("held-guard", SKIP_IF_ERROR)]),
+    ("no-rule-matches", [], ("input.released", "doorbell", {}, 1.0), [], []),
+    ("other-topic", [], ("mqtt.message", "alarm/x/other", {"retain": True}, 1.0), [], []),
+]
+
+
+@pytest.mark.parametrize("before,event,fired,skipped",
+                         [c[1:] for c in SKIP_CASES], ids=[c[0] for c in SKIP_CASES])
+def test_rules_that_matched_but_did_not_fire_say_why(
+        cfg: Config, before: list[tuple[str, str, dict, float]],
+        event: tuple[str, str, dict, float], fired: list[str],
+        skipped: list[tuple[str, str]]) -> None:
+    engine = RuleEngine(cfg)
+    for etype, source, data, ts in before:
+        engine.evaluate(make_event(etype, source, data), now=ts)
+    etype, source, data, ts = event
+    plan = engine.evaluate(make_event(etype, source, data), now=ts)
+    assert (plan.fired, plan.skipped) == (fired, skipped)
+
+
+def test_an_if_that_fails_is_an_error_and_a_skip(cfg: Config) -> None:
+    plan = RuleEngine(cfg).evaluate(make_event("input.held", "doorbell"))
+    assert len(plan.errors) == 1 and plan.errors[0].startswith("rule held-guard: if:")
+    assert ("held-guard", SKIP_IF_ERROR) in plan.skipped
+
+
+@pytest.mark.parametrize("call,text", [
+    (WebhookCall("r", "discord", "http://x/", {}, b"", "application/json"), "webhook discord"),
+    (OutputCall("r", "porch_light", "on"), "output porch_light on"),
+    (OutputCall("r", "porch_light", "toggle", 30.0), "output porch_light toggle for 30 s"),
+    (OutputCall("r", "fan", "off", 0.25), "output fan off for 0.25 s"),
+    (PublishCall("r", "home/porch/light", b"on", 1, True), "publish home/porch/light"),
+])
+def test_calls_describe_themselves_as_the_config_names_them(
+        call: WebhookCall | OutputCall | PublishCall, text: str) -> None:
+    assert call.describe() == text
 
 
 def test_failing_template_skips_only_its_action(cfg: Config) -> None:

@@ -35,6 +35,10 @@ class WebhookCall:
     body: bytes
     content_type: str
 
+    def describe(self) -> str:
+        """The action as the config names it, for messages: `webhook discord`."""
+        return f"webhook {self.target}"
+
 
 @dataclass(frozen=True, slots=True)
 class OutputCall:
@@ -44,6 +48,11 @@ class OutputCall:
     output: str
     state: str
     duration: float | None = None
+
+    def describe(self) -> str:
+        """The action as the config names it, for messages: `output porch_light on for 30 s`."""
+        text = f"output {self.output} {self.state}"
+        return f"{text} for {self.duration:g} s" if self.duration else text
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,17 +65,31 @@ class PublishCall:
     qos: int
     retain: bool
 
+    def describe(self) -> str:
+        """The action as the config names it, for messages: `publish home/porch/light`."""
+        return f"publish {self.topic}"
+
 
 Call = WebhookCall | OutputCall | PublishCall
 
 
 @dataclass(slots=True)
 class Plan:
-    """What one event asks for: the calls in order, the rules that fired, what failed."""
+    """What one event asks for: the calls in order, the rules that fired, what failed.
+
+    `skipped` holds (rule name, reason) for every rule whose trigger matched but that
+    did not fire, so a log line or the status page can say why instead of "no rule".
+    """
 
     calls: list[Call] = field(default_factory=list)
     fired: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+SKIP_IF_FALSE = "if: false"
+SKIP_IF_ERROR = "if: template error"
+SKIP_RETAINED = "retained message (the rule has no retained: true)"
 
 
 _NO_CONTEXT: dict[str, Any] = {}  # what a rule with no template syntax "renders" with
@@ -159,9 +182,7 @@ class RuleEngine:
         """The rules whose trigger matches the event (before `if` and cooldown)."""
         t = event.type
         if t == "mqtt.message":
-            found = self._topics.get(event.source)
-            if found is None:
-                found = self._match_topic(event.source)
+            found = self._topic_rules(event.source)
             if event.data.get("retain"):
                 return [(i, r) for i, r in found if r.when.retained]
             return found
@@ -179,6 +200,11 @@ class RuleEngine:
             return self._index.get(("timer", str(event.data.get("rule_index"))), [])
         return []
 
+    def _topic_rules(self, topic: str) -> list[tuple[int, Rule]]:
+        """The rules whose MQTT filter matches `topic`, retained or not (remembered)."""
+        found = self._topics.get(topic)
+        return self._match_topic(topic) if found is None else found
+
     def _match_topic(self, topic: str) -> list[tuple[int, Rule]]:
         found: list[tuple[int, Rule]] = []
         if self._mqtt is not None:
@@ -192,26 +218,39 @@ class RuleEngine:
 
     def evaluate(self, event: Event, states: Callable[[], dict[str, Any]] | None = None,
                  now: float | None = None) -> Plan:
-        """Plan the actions for one event; a failing template skips only its action."""
+        """Plan the actions for one event; a failing template skips only its action.
+
+        A rule that matched but did not fire (cooldown, `if` false or failing, a
+        retained MQTT message it does not take) is named in `plan.skipped` with why.
+        """
         plan = Plan()
-        matched = self.match(event)
+        retained = event.type == "mqtt.message" and bool(event.data.get("retain"))
+        # a retained message walks every rule of its topic, to name those that skip it
+        matched = self._topic_rules(event.source) if retained else self.match(event)
         if not matched:
             return plan
         ts = event.ts if now is None else now
         ctx: dict[str, Any] | None = None
         for i, rule in matched:
-            if rule.cooldown and ts - self._last_fired.get(i, float("-inf")) < rule.cooldown:
-                _LOG.debug("event %s: rule %s in cooldown", event.id, rule.name)
+            if retained and not rule.when.retained:
+                plan.skipped.append((rule.name, SKIP_RETAINED))
                 continue
+            if rule.cooldown:
+                left = rule.cooldown - (ts - self._last_fired.get(i, float("-inf")))
+                if left > 0:
+                    plan.skipped.append((rule.name, f"cooldown: {_seconds(left)} left"))
+                    continue
             if ctx is None and self._needs_ctx[i]:
                 ctx = self._context(event, states)
             rctx = _NO_CONTEXT if ctx is None else ctx
             if rule.condition is not None:
                 try:
                     if not is_truthy(rule.condition.render(rctx)):
+                        plan.skipped.append((rule.name, SKIP_IF_FALSE))
                         continue
                 except TemplateError as exc:
                     plan.errors.append(f"rule {rule.name}: if: {exc}")
+                    plan.skipped.append((rule.name, SKIP_IF_ERROR))
                     continue
             self._last_fired[i] = ts
             plan.fired.append(rule.name)
@@ -261,6 +300,16 @@ class RuleEngine:
                 raise TemplateError(f"publish topic {topic!r} is not a valid topic")
             return PublishCall(rule.name, topic, data, action.qos, action.retain)
         raise TypeError(action)
+
+
+def _seconds(left: float) -> str:
+    """A wait as a person reads it: `7.2 s`, `4 min 48 s`, `1 h 5 min`."""
+    if left < 60:
+        return f"{max(left, 0.1):.1f} s"
+    whole = round(left)
+    if whole < 3600:
+        return f"{whole // 60} min {whole % 60} s"
+    return f"{whole // 3600} h {whole % 3600 // 60} min"
 
 
 def encode_body(value: Any) -> tuple[bytes, str]:
