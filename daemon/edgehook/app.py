@@ -12,6 +12,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from .dispatcher import Actions, Bus, Dispatcher, Reply
 from .errors import ConfigError
 from .events import Event, make_event, rfc3339
 from .gpio import Gpio
+from .health import Snapshot, status_line, verdict
 from .http_api import Api, HttpServer
 from .metrics import Histogram
 from .notify import Notifier, WatchdogPinger
@@ -32,7 +34,6 @@ from .triggers import SilenceWatch, TimeTriggers
 
 _LOG = logging.getLogger(__name__)
 
-MQTT_DEGRADED_AFTER = 60.0  # seconds disconnected before /healthz says degraded
 STATUS_EVERY = 2.0          # at most one STATUS= update per this many seconds
 _MQTT_EVENT_TYPES = {"pressed": "press", "released": "release", "held": "hold",
                      "click": "click", "double_click": "double_click",
@@ -42,8 +43,11 @@ _MQTT_EVENT_TYPES = {"pressed": "press", "released": "release", "held": "hold",
 class Daemon:
     """One running edgehook: pins, outbox, senders, dispatcher, HTTP, MQTT, systemd."""
 
-    def __init__(self, cfg: Config, pin_factory: Any = None) -> None:
+    def __init__(self, cfg: Config, pin_factory: Any = None, *, simulate: bool = False) -> None:
         self.cfg = cfg
+        # pins simulated at start stay simulated across reloads (`run --simulate`, or
+        # backend: mock): the pin factory is chosen once per process
+        self.simulate_pins = simulate or cfg.gpio.backend == "mock"
         self.started_at = time.time()
         self.notifier = Notifier()
         self.scheduler = Scheduler()
@@ -51,7 +55,7 @@ class Daemon:
         self.counters: Counter[str] = Counter()
         self.delivery_latency = Histogram()
         # GPIO first: on a machine without pins we exit before creating the outbox file
-        self.gpio = Gpio(cfg.gpio, self._offer, self.scheduler, pin_factory=pin_factory)
+        self.gpio = Gpio(cfg.gpio, self.bus.put, self.scheduler, pin_factory=pin_factory)
         self.outbox = Outbox(Path(cfg.state_dir) / "outbox.db")
         self.sender = Sender(self.outbox, cfg.webhooks, on_result=self._on_delivery)
         self.dispatcher = Dispatcher(self.bus, RuleEngine(cfg), Actions(
@@ -97,7 +101,7 @@ class Daemon:
 
         filters = self.dispatcher.engine.mqtt_filters()
         self.mqtt = MqttLink(cfg.mqtt, cfg.device, cfg.gpio, filters,
-                             put=self._offer, on_command=self._mqtt_command,
+                             put=self._put_acked, on_command=self._mqtt_command,
                              states=self._bool_states)
         self.mqtt.start()
 
@@ -150,23 +154,39 @@ class Daemon:
         if self.silence:
             self.silence.stop()
         self.dispatcher.stop()
+        final = self.gpio.close(apply_on_stop=True)
+        if self.mqtt is not None:
+            # the state left by on_stop goes out before "offline": Home Assistant must
+            # not keep showing a light on that on_stop switched off
+            for name, on in final.items():
+                self.mqtt.output_state(name, on)
         self.sender.stop()
         if self.mqtt is not None:
             self.mqtt.stop()
-        self.gpio.close(apply_on_stop=True)
         self.scheduler.stop()
         self.outbox.close()
         _LOG.info("stopped")
 
     def reload(self) -> None:
-        """SIGHUP: a good new config is swapped in; a bad one is logged, the old one stays."""
+        """SIGHUP: a good new config is swapped in; a bad one is logged, the old one stays.
+
+        Nothing that happens while loading may take the service down: any failure is
+        "reload refused, old config kept".
+        """
         self.notifier.reloading()
         try:
             new = load_config(self.cfg.path)
+            if self.simulate_pins and new.gpio.backend != "mock":
+                new = replace(new, gpio=replace(new.gpio, backend="mock"))
         except ConfigError as exc:
             for problem in exc.problems:
                 _LOG.error("reload refused: %s", problem)
             _LOG.error("reload refused: keeping the running config")
+            self.notifier.ready()
+            return
+        except BaseException as exc:  # RecursionError, MemoryError, a bug: never fatal
+            _LOG.error("reload refused: the config could not be loaded (%s: %s); "
+                       "keeping the running config", type(exc).__name__, exc)
             self.notifier.ready()
             return
         old = self.cfg
@@ -183,7 +203,7 @@ class Daemon:
             _LOG.info("GPIO configuration changed: reopening pins")
             was_on = {n: v["state"] == "on" for n, v in self.gpio.output_states().items()}
             self.gpio.close(apply_on_stop=False)
-            gpio = Gpio(new.gpio, self._offer, self.scheduler, pin_factory=self.gpio.factory)
+            gpio = Gpio(new.gpio, self.bus.put, self.scheduler, pin_factory=self.gpio.factory)
             gpio.start()
             self.gpio = gpio
             # an output whose own config did not change keeps its state (its max_on is
@@ -192,6 +212,9 @@ class Daemon:
                 if on and old.gpio.outputs.get(name) == new.gpio.outputs.get(name):
                     gpio.set_output(name, "on", None, "reload: state kept")
         engine = RuleEngine(new)
+        # the config before the engine: a rule of the new engine may name a target that
+        # only the new config has (the store looks targets up in self.cfg)
+        self.cfg = new
         self.dispatcher.engine = engine  # swapped as one reference
         self.sender.reload(new.webhooks)  # senders re-read their queues from the file
         self.outbox.recount()  # a CLI may have changed the file while the API was away
@@ -212,23 +235,25 @@ class Daemon:
         self.http.set_api(self._api(new))
         self.cfg = new
 
-    def _offer(self, event: Event) -> None:
-        """Pins and MQTT: the event runs on the source's thread when the dispatcher is
-        idle, else it is queued (Dispatcher.offer; README, Design notes)."""
-        self.dispatcher.offer(event)
+    def _put_acked(self, event: Event, ack: Any = None) -> None:
+        """MQTT: queue a message's event with the PUBACK to send once it is durable."""
+        self.bus.put(event, ack=ack)
 
     # ------------------------------------------------------------------ dispatcher's hands
     def _store(self, calls: Sequence[tuple[Event, WebhookCall]]) -> None:
+        """Webhooks of a batch into the outbox, one fsynced commit; then wake senders."""
+        webhooks = self.cfg.webhooks
         items = []
         for event, call in calls:
-            target = self.cfg.webhooks[call.target]
+            target = webhooks.get(call.target)
             items.append(NewDelivery(
-                target=call.target, event_id=event.id, url=call.url, method=target.method,
+                target=call.target, event_id=event.id, url=call.url,
+                method=target.method if target else "POST",
                 headers=call.headers, body=call.body, content_type=call.content_type,
-                max_attempts=target.max_attempts, max_age=target.max_age))
-        # handed to the sender threads in memory (no read-back) as the rows are
-        # written: a thread in sync sends meanwhile, and records once they are stored
-        self.outbox.add_rows(items, handover=self.sender.handover())
+                max_attempts=target.max_attempts if target else 1,
+                max_age=target.max_age if target else 0.0))
+        self.outbox.add(items)
+        self.sender.wake({c.target for _, c in calls})
 
     def _set_output(self, name: str, state: str, duration: float | None,
                     origin: str) -> dict[str, Any]:
@@ -293,55 +318,45 @@ class Daemon:
         return Api(self, api_token=cfg.http.api_token, max_body=cfg.http.max_body,
                    hooks=cfg.hooks, max_connections=cfg.http.max_connections)
 
-    def state(self) -> dict[str, Any]:
+    def webhook_health(self) -> dict[str, dict[str, Any]]:
+        """Per target: 410 Gone flag, last success/error (sender), rows pending."""
         gone = self.sender.gone_targets()
+        seen = getattr(self.sender, "target_health", dict)()
+        pending = self.outbox.pending_by_target()
+        return {name: {"gone": name in gone, "last_success": None, "last_error": None,
+                       "last_error_at": None, **seen.get(name, {}),
+                       "pending": pending.get(name, 0)}
+                for name in self.cfg.webhooks}
+
+    def state(self) -> dict[str, Any]:
         return {"device": {"id": self.cfg.device.id, "name": self.cfg.device.name},
                 "backend": self.gpio.backend, "version": __version__,
                 "inputs": self.gpio.input_states(), "outputs": self.gpio.output_states(),
                 "mqtt": self._mqtt_status(),
                 "outbox": self.outbox.counts(),
                 # a target that answered 410 Gone is flagged until it delivers again
-                "webhooks": {name: {"gone": name in gone} for name in self.cfg.webhooks},
+                "webhooks": self.webhook_health(),
                 "events": {"total": self.dispatcher.events_total, "dropped": self.bus.dropped,
-                           "queued": len(self.bus)}}
+                           "queued": len(self.bus), "unstored": self.dispatcher.unstored}}
+
+    def _snapshot(self) -> Snapshot:
+        st = self._mqtt_status()
+        down = 0.0
+        if st is not None and not st.get("connected"):
+            down = self._seconds_since(st.get("since"), self.started_at)
+        ok, why = self.outbox.health()
+        return Snapshot(
+            dispatcher_alive=self.dispatcher.alive(),
+            stalled_for=self.dispatcher.stuck_for(),
+            outbox_ok=ok, outbox_why=why, outbox_counts=self.outbox.counts(),
+            sender_age=self.sender.heartbeat_age(), mqtt=st, mqtt_down_for=down,
+            unstored=self.dispatcher.unstored, store_failures=self.dispatcher.store_failures,
+            last_store_error=self.dispatcher.last_store_error,
+            corrupt_moved=self.outbox.corrupt_moved)
 
     def health(self) -> tuple[bool, dict[str, Any]]:
-        """(ok, detail) for /healthz: down names what failed; MQTT only degrades."""
-        problems: list[str] = []
-        degraded: list[str] = []
-        checks: dict[str, str] = {}
-        if not self.dispatcher.healthy():
-            why = f"stalled for {self.dispatcher.stalled_for():.0f} s" \
-                if self.dispatcher.stalled_for() else "thread not running"
-            problems.append(f"dispatcher {why}")
-            checks["dispatcher"] = why
-        else:
-            checks["dispatcher"] = "ok"
-        ok, why = self.outbox.health()
-        checks["outbox"] = why if not ok else "ok"
-        if not ok:
-            problems.append(f"outbox: {why}")
-        age = self.sender.heartbeat_age()
-        checks["sender"] = "ok" if age < 120 else f"no heartbeat for {age:.0f} s"
-        if age >= 120:
-            problems.append(f"sender: no heartbeat for {age:.0f} s")
-        st = self._mqtt_status()
-        if st is not None:
-            if st.get("connected"):
-                checks["mqtt"] = "connected"
-            else:
-                down_for = self._seconds_since(st.get("since"), self.started_at)
-                checks["mqtt"] = f"disconnected for {down_for:.0f} s"
-                if down_for >= MQTT_DEGRADED_AFTER:
-                    degraded.append(f"mqtt disconnected for {down_for:.0f} s")
-        detail: dict[str, Any] = {
-            "status": "unhealthy" if problems else "degraded" if degraded else "ok",
-            "checks": checks, "outbox": self.outbox.counts()}
-        if problems:
-            detail["problems"] = problems
-        if degraded:
-            detail["degraded"] = degraded
-        return not problems, detail
+        """(ok, detail) for /healthz (health.verdict decides)."""
+        return verdict(self._snapshot())
 
     def healthy(self) -> bool:
         """For the systemd watchdog: worker threads alive and not stuck."""
@@ -357,11 +372,25 @@ class Daemon:
     def outbox_list(self, status: str | None) -> list[dict[str, Any]]:
         return self.outbox.list(status)
 
-    def outbox_retry(self, item_id: int) -> bool:
-        ok = self.outbox.retry(item_id, time.time())
-        if ok:
-            self.sender.wake(None)
-        return ok
+    def outbox_retry(self, item_id: int) -> str:
+        """"queued", or why not: "missing", "delivered", "no_target" (not configured)."""
+        row = self.outbox.get(item_id)
+        if row is None:
+            return "missing"
+        if row["status"] == "delivered":
+            return "delivered"
+        if row["target"] not in self.cfg.webhooks:
+            return "no_target"
+        if not self.outbox.retry(item_id, time.time()):
+            return "missing"
+        self.sender.wake([row["target"]])
+        return "queued"
+
+    def outbox_drop(self, item_id: int) -> bool:
+        return self.outbox.drop(item_id)
+
+    def outbox_drop_target(self, name: str) -> int:
+        return self.outbox.drop_target(name)
 
     def outbox_retry_dead(self) -> int:
         n = self.outbox.retry_all_dead(time.time())
@@ -372,13 +401,12 @@ class Daemon:
     def outbox_purge(self) -> int:
         return self.outbox.purge("dead")
 
-    def submit(self, event: Event, wait: float | None = None) -> Reply | None:
-        """Queue an event (hooks); with `wait`, block up to that long for its results."""
-        if wait is None:
-            self.bus.put(event)
-            return None
+    def submit(self, event: Event, wait: float = 10.0) -> Reply:
+        """Queue a hook's event and wait up to `wait` s until its webhooks are durable
+        and its actions ran; ``reply.done`` unset means not yet (answer 503)."""
         reply = Reply()
-        self.dispatcher.run_now(event, reply, wait)
+        self.bus.put(event, reply)
+        reply.done.wait(wait)
         return reply
 
     def _mqtt_status(self) -> dict[str, Any] | None:
@@ -414,6 +442,9 @@ class Daemon:
                 "mqtt": self._mqtt_status(),
                 "dropped": self.bus.dropped, "queued": len(self.bus),
                 "store_failures": self.dispatcher.store_failures,
+                "unstored": self.dispatcher.unstored,
+                "unstored_dropped": self.dispatcher.unstored_dropped,
+                "outbox_corrupt": self.outbox.corrupt_moved,
                 "latency": self.delivery_latency,
                 "inputs": self.gpio.input_states(), "outputs": self.gpio.output_states()}
 
@@ -425,16 +456,7 @@ class Daemon:
         if not force and now - self._last_status < STATUS_EVERY:
             return
         self._last_status = now
-        counts = self.outbox.counts()
-        parts = []
-        if self.mqtt is not None:
-            parts.append("mqtt " + ("connected" if self.mqtt.status().get("connected")
-                                    else "DISCONNECTED"))
-        parts.append(f"outbox {counts.get('pending', 0)} pending, {counts.get('dead', 0)} dead")
-        ok, why = self.outbox.health()
-        if not ok:
-            parts.append(f"OUTBOX {why}")
         last = self.dispatcher.last_event
-        if last is not None:
-            parts.append(f"last event {last.type} {last.source} at {rfc3339(last.ts)}")
-        self.notifier.status("; ".join(parts))
+        self.notifier.status(status_line(
+            self._snapshot(),
+            f"last event {last.type} {last.source} at {rfc3339(last.ts)}" if last else None))

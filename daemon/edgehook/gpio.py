@@ -128,13 +128,14 @@ class Gpio:
             self.close(apply_on_stop=False)
             raise CommandError(f"GPIO setup failed: {exc}") from None
 
-    def close(self, apply_on_stop: bool = True) -> None:
+    def close(self, apply_on_stop: bool = True) -> dict[str, bool]:
         """Leave outputs as `on_stop` says (or as they are), then release every pin.
 
         Outputs are released without gpiozero's reset to input, so the line keeps the
-        level set here until the process exits; what the kernel does then is in
-        the README, "Inputs and outputs".
+        level set here until the process exits (docs/gpio.md). Returns each output's
+        final state (True = on), so the caller can publish it before MQTT closes.
         """
+        final: dict[str, bool] = {}
         with self._lock:
             outs = list(self.outputs.values())
             for out in outs:
@@ -147,12 +148,17 @@ class Gpio:
                 for out in sorted(outs, key=lambda o: o.cfg.on_stop == "on"):
                     self._apply_on_stop(out)
             for out in outs:
+                try:
+                    final[out.cfg.name] = bool(out.device.value)
+                except Exception:  # a pin that is already gone has no state to report
+                    pass
                 _release_driven(out.device)
             for dev, logic in self.inputs.values():
                 logic.close()
                 dev.close()
             self.inputs.clear()
             self.outputs.clear()
+        return final
 
     def _apply_on_stop(self, out: _Out) -> None:
         mode = out.cfg.on_stop

@@ -1,56 +1,40 @@
 """The durable outbox: every outbound webhook is a SQLite row until a 2xx says otherwise.
 
 A delivery moves ``pending -> delivered | dead``. It is marked delivered only after a
-2xx (never on dequeue), and a row claimed by a sender that died is claimable again
-once its lease runs out. Every access, reads included, goes through one
+2xx (never on dequeue). Every access, reads included, goes through one
 ``with outbox.tx():`` (a lock, ``BEGIN IMMEDIATE``, commit, rollback on error).
 
-Fsync policy: WAL with ``synchronous=NORMAL``. A commit is appended to the WAL
-without an fsync; the WAL is fsynced when it is checkpointed into the database.
-Measured on this machine (issue 3): 500 single-row commits take 0.14 s with NORMAL
-(11 fdatasyncs) against 0.38 s with FULL (512), and after ``kill -9`` every
-acknowledged commit was present in both modes. So a crash of edgehook, or a clean
-reboot, loses nothing. What NORMAL gives up is the last commits before a *power
-loss or kernel crash* (those since the last checkpoint); the database itself stays
-consistent. A lost "delivered" mark only means a redelivery with the same
-``webhook-id``; a lost new row is an event from the last moment before the power
-went. We accept that for an SD card, where FULL's fsync per commit costs
-milliseconds each and wears the card; set ``SYNCHRONOUS = "FULL"`` to trade it back.
-Bursts are written with group commits anyway: :meth:`Outbox.add` writes a whole
-batch in one transaction.
+Durability: WAL with ``synchronous=FULL``, so every commit fsyncs the WAL before it
+returns. The dispatcher stores a whole batch of events in one transaction (group
+commit: a burst costs one fsync per batch, not per message) and only then
+acknowledges the events to their sources: whatever an MQTT publisher or a hook
+caller was told is on disk, through a crash or a power cut. SQLite's own automatic
+checkpoint copies the WAL into the database every ``wal_autocheckpoint`` pages.
 
-Checkpoints off the hot path: with ``synchronous=NORMAL`` the only fsyncs are those
-of a WAL checkpoint, and SQLite's automatic checkpoint runs inside whichever commit
-crosses 1,000 WAL pages, so about one delivery in a hundred waited for its fsyncs (the
-p99 of the MQTT -> webhook latency, issue 6). The daemon's outbox turns the automatic
-checkpoint off and kicks a checkpointer thread of its own connection every
-``CHECKPOINT_EVERY`` write transactions (about 3 pages each, so about as often as
-SQLite's own 1,000-page default: the power-loss window described above stays the
-same); a PASSIVE checkpoint there never blocks a writer. Its fsyncs still slow the
-filesystem for a moment, so fewer of them is also a shorter latency tail. The
-thread sleeps until kicked, so an idle daemon still never wakes. SQLite starts the
-WAL file over only at a write that finds all of it checkpointed; a write during
-the checkpoint (the very delivery that kicked it, marked delivered a millisecond
-later) leaves it short of that, and under a steady stream the WAL grew without
-end (61 MB after 2,000 deliveries 4 ms apart). So the thread checkpoints again
-until one run finds nothing new (the later ones copy only the few pages written
-meanwhile). After ``CATCH_UP`` runs without that (a burst writing all the while) it
-runs one more holding the outbox's lock, which blocks writers for that short run
-(1-2 ms here, once per ``CHECKPOINT_EVERY`` writes of a burst): the WAL stays at a
-few MB whatever the load.
+What may lag is the "delivered" mark: :meth:`Outbox.mark_delivered` keeps it in
+memory for up to ``MARK_LAG`` seconds so that it shares the commit of the next new row
+(or is written alone when none comes). Losing it in a crash only means the webhook
+is sent again with the same ``webhook-id``, which receivers de-duplicate.
 
-Frugal on the SD card: when nothing happens nothing is written (reads never write;
-claims that find nothing write nothing; pruning runs at open and then at most every
-``PRUNE_EVERY`` seconds, and only as part of a write that happened anyway).
+Frugal on the SD card: pages of ``PAGE_SIZE`` bytes (a commit rewrites whole pages,
+and a new row touches about four of them), leases of claimed rows kept in memory
+(one daemon per state directory: a crash frees them anyway), delivered marks folded
+into the next commit; when nothing happens nothing is written (reads never write;
+pruning runs at open and then only alongside a write that happens anyway).
 
 A full disk makes even DELETE fail, so the outbox refuses new rows (``OutboxFull``)
 while ``MAX_ROWS`` undelivered rows exist or the free space under the state
 directory drops below ``MIN_FREE_BYTES``, and :meth:`Outbox.health` says why; both
-recover by themselves as rows drain or space returns.
+recover by themselves as rows drain or space returns. Any SQLite failure surfaces
+as an :class:`OutboxError` (an ``EdgehookError``): the caller treats it as data.
+
+A corrupt file (not a database, truncated, scrambled pages) is moved aside as
+``outbox.db.corrupt-<UTC time>`` at open, logged, counted (:attr:`corrupt_moved`,
+on /healthz while such files remain) and a fresh outbox starts: the doorbell keeps
+working, and what can be saved from the old file is left for a human.
 
 One daemon per state directory: the outbox holds an exclusive ``flock`` on
-``<dir>/edgehook.lock`` while open, which is what makes it safe to clear the leases
-of a crashed predecessor at open.
+``<dir>/edgehook.lock`` while open.
 """
 
 from __future__ import annotations
@@ -67,7 +51,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from .errors import EdgehookError
 from .events import compact_json, new_id, rfc3339
@@ -83,9 +67,9 @@ STATVFS_CACHE = 1.0          # seconds a free-space reading is reused
 BUSY_TIMEOUT_MS = 5000
 HISTORY_MAX = 50             # attempts kept per row (the oldest are dropped)
 WRITE_ERROR_HOLD = 60.0      # a failed write is reported this long once space is back
-SYNCHRONOUS = "NORMAL"       # see the module docstring
-CHECKPOINT_EVERY = 256       # write transactions between two background WAL checkpoints
-CATCH_UP = 8                 # checkpoints in a row at most, until one finds nothing new
+SYNCHRONOUS = "FULL"         # every commit is fsynced before it returns (docstring)
+PAGE_SIZE = 1024             # bytes per page: a commit writes whole pages
+MARK_LAG = 2.0               # seconds a delivered mark may wait to share a commit
 LOCK_NAME = "edgehook.lock"
 STATUSES = ("pending", "delivered", "dead")
 
@@ -117,7 +101,7 @@ CREATE TABLE IF NOT EXISTS deliveries (
 CREATE INDEX IF NOT EXISTS deliveries_pending ON deliveries(target, id)
     WHERE status = 'pending';
 -- Partial indexes only: a new row is pending, so storing it writes the table, the
--- webhook-id index and deliveries_pending, and none of these (issue 6).
+-- webhook-id index and deliveries_pending, and none of these.
 CREATE INDEX IF NOT EXISTS deliveries_dead ON deliveries(id) WHERE status = 'dead';
 CREATE INDEX IF NOT EXISTS deliveries_delivered ON deliveries(delivered_at)
     WHERE status = 'delivered';
@@ -141,7 +125,13 @@ _HISTORY_APPEND = (
 )
 
 
-class OutboxFull(EdgehookError):
+class OutboxError(EdgehookError, sqlite3.Error):
+    """SQLite failed (I/O error, disk full, corrupt page, locked): nothing was stored.
+
+    Also a ``sqlite3.Error``, so code that catches those keeps working."""
+
+
+class OutboxFull(OutboxError):
     """A delivery was refused: the row cap is reached or the disk is nearly full."""
 
 
@@ -184,14 +174,6 @@ class Row:
     deadline: float
 
 
-class Handover(Protocol):
-    """Who gets new rows before they are stored (``delivery.Handover``; typed here:
-    edges never import each other)."""
-
-    def offer(self, rows: Sequence[Row]) -> None: ...
-    def settle(self, rows: Sequence[Row] | None) -> None: ...
-
-
 def _attempt(now: float, status: int | None, error: str | None) -> str:
     return json.dumps({"at": rfc3339(now), "status": status, "error": error})
 
@@ -220,8 +202,8 @@ class Outbox:
 
         :param max_rows: cap on pending + dead rows (default ``MAX_ROWS`` at call time).
         :param min_free_bytes: free space to keep (default ``MIN_FREE_BYTES``).
-        :param exclusive: take the one-daemon lock, clear stale leases and prune; a
-            read-mostly tool opening the file beside a running daemon passes False.
+        :param exclusive: take the one-daemon lock, move a corrupt file aside, migrate
+            and prune; a tool opening the file beside a running daemon passes False.
         """
         self.path = Path(path)
         self._max_rows = max_rows
@@ -238,40 +220,91 @@ class Outbox:
         self._last_prune = -1e18
         self._changes_seen = 0
         self._closed = False
-        created = not self.path.exists()
+        self._leased: dict[int, float] = {}     # claimed row id -> lease end (memory only)
+        self._settled: dict[int, str] = {}      # delivered in memory, not written: id -> target
+        self._marks: list[tuple[Any, ...]] = []  # their UPDATE arguments
+        self._mark_timer: threading.Timer | None = None
         try:
-            self._db = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT_MS / 1000,
-                                       isolation_level=None, check_same_thread=False)
-        except Exception:
+            try:
+                self._db = self._open(exclusive)
+            except sqlite3.DatabaseError as exc:
+                if not exclusive or isinstance(exc, sqlite3.OperationalError):
+                    raise OutboxError(f"cannot open the outbox {self.path}: {exc}") from None
+                self._move_aside(exc)
+                self._db = self._open(exclusive)
+        except BaseException:
             self._release_dir_lock()
             raise
-        if created:
-            with contextlib.suppress(OSError):
-                os.chmod(self.path, 0o600)  # rendered URLs and headers can carry tokens
-        db = self._db
-        db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        if db.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
-            db.execute("PRAGMA journal_mode = WAL")
-        db.execute(f"PRAGMA synchronous = {SYNCHRONOUS}")
-        db.execute("PRAGMA journal_size_limit = 4194304")  # keep the WAL file small
-        self._checkpointer: _Checkpointer | None = None
-        self._writes = 0
-        if exclusive:
-            db.execute("PRAGMA wal_autocheckpoint = 0")  # ours runs in the background
-            self._checkpointer = _Checkpointer(self.path, self._lock)
-        if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'deliveries'").fetchone() is None:
-            db.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version = {SCHEMA_VERSION};"
-                             " COMMIT;")
-        else:
-            self._migrate(db)
+        self.corrupt_moved = len(self._corrupt_files())
         self.recount()
-        with self.tx() as c:
-            if exclusive:
-                # Leases of a predecessor that crashed: nobody else can hold them now.
-                c.execute("UPDATE deliveries SET lease_until = 0"
-                          " WHERE status = 'pending' AND lease_until > 0")
         if exclusive:
             self.prune(time.time())
+
+    def _open(self, exclusive: bool) -> sqlite3.Connection:
+        """Connect, set the pragmas, create or migrate the schema, check the file."""
+        created = not self.path.exists()
+        db = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT_MS / 1000,
+                             isolation_level=None, check_same_thread=False)
+        try:
+            if created:
+                with contextlib.suppress(OSError):
+                    os.chmod(self.path, 0o600)  # rendered URLs and headers can carry tokens
+                db.execute(f"PRAGMA page_size = {PAGE_SIZE}")
+            db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            if exclusive and not created:
+                self._check(db)
+                self._resize_pages(db)
+            if db.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                db.execute("PRAGMA journal_mode = WAL")
+            db.execute(f"PRAGMA synchronous = {SYNCHRONOUS}")
+            db.execute("PRAGMA journal_size_limit = 4194304")  # keep the WAL file small
+            if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'deliveries'"
+                          ).fetchone() is None:
+                db.executescript(f"BEGIN IMMEDIATE; {_SCHEMA}"
+                                 f" PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
+            else:
+                self._migrate(db)
+            if created:
+                _fsync_dir(self.path.parent)  # the new file's name survives a power cut
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    @staticmethod
+    def _check(db: sqlite3.Connection) -> None:
+        """Raise sqlite3.DatabaseError unless the file reads as a sound database."""
+        result = db.execute("PRAGMA quick_check").fetchone()
+        if result is None or result[0] != "ok":
+            raise sqlite3.DatabaseError(f"quick_check: {result[0] if result else 'no answer'}")
+
+    @staticmethod
+    def _resize_pages(db: sqlite3.Connection) -> None:
+        """Rewrite an older file with ``PAGE_SIZE`` pages (once; VACUUM needs the
+        rollback journal for that, WAL is switched back on right after)."""
+        if db.execute("PRAGMA page_size").fetchone()[0] == PAGE_SIZE:
+            return
+        db.execute("PRAGMA journal_mode = DELETE")
+        db.execute(f"PRAGMA page_size = {PAGE_SIZE}")
+        db.execute("VACUUM")
+        _LOG.info("outbox: rewritten with %d-byte pages", PAGE_SIZE)
+
+    def _corrupt_files(self) -> list[Path]:
+        return sorted(p for p in self.path.parent.glob(self.path.name + ".corrupt-*")
+                      if not p.name.endswith(("-wal", "-shm")))
+
+    def _move_aside(self, exc: Exception) -> None:
+        """Rename a corrupt outbox (and its WAL) out of the way, loudly."""
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+        for suffix in ("", "-wal", "-shm"):
+            src = Path(str(self.path) + suffix)
+            if src.exists():
+                os.replace(src, Path(str(aside) + suffix))
+        _fsync_dir(self.path.parent)
+        _LOG.error("OUTBOX CORRUPT: %s could not be read (%s); moved aside as %s and a fresh "
+                   "outbox started. Undelivered webhooks in it were NOT sent; keep the file "
+                   "for inspection or delete it.", self.path, exc, aside)
 
     @property
     def max_rows(self) -> int:
@@ -320,8 +353,9 @@ class Outbox:
     def tx(self) -> Iterator[sqlite3.Connection]:
         """One transaction: lock, BEGIN IMMEDIATE, commit; rollback and re-raise on error.
 
-        Nested use joins the outer transaction. A failed write is remembered for
-        :meth:`health` and forgotten at the next successful commit.
+        Nested use joins the outer transaction. A SQLite error comes out as an
+        :class:`OutboxError`; it is remembered for :meth:`health` and forgotten at the
+        next successful commit.
         """
         with self._lock:
             if self._closed:
@@ -348,17 +382,14 @@ class Outbox:
                     with contextlib.suppress(sqlite3.Error):
                         self._db.execute("ROLLBACK")
                 self._write_error = (time.monotonic(), f"{type(exc).__name__}: {exc}")
-                raise
+                if isinstance(exc, OutboxError):
+                    raise
+                raise OutboxError(f"outbox: {exc}") from exc
             finally:
                 self._depth = 0
             if self._db.total_changes != self._changes_seen:  # a real write succeeded
                 self._changes_seen = self._db.total_changes
                 self._write_error = None
-                if self._checkpointer is not None:
-                    self._writes += 1
-                    if self._writes >= CHECKPOINT_EVERY:
-                        self._writes = 0
-                        self._checkpointer.kick()
 
     def _free_bytes(self) -> int:
         now = time.monotonic()
@@ -378,15 +409,12 @@ class Outbox:
         """Store deliveries, all in one transaction (a group commit); returns their ids."""
         return [row.id for row in self.add_rows(items, now)]
 
-    def add_rows(self, items: Sequence[NewDelivery], now: float | None = None, *,
-                 handover: Handover | None = None) -> list[Row]:
-        """:meth:`add`, returning the stored rows as :meth:`claim` would (for the sender).
+    def add_rows(self, items: Sequence[NewDelivery], now: float | None = None) -> list[Row]:
+        """:meth:`add`, returning the stored rows as :meth:`claim` would.
 
-        With a `handover` (``Sender.handover()``), the rows go to it twice under this
-        outbox's lock, which every read takes too: before the INSERT, without ids
-        (id 0), and once the transaction settled, as stored (or None when it failed).
-        Raises ``OutboxFull`` (storing none of them) when the row cap or the disk
-        headroom would be crossed.
+        One transaction, fsynced before it returns (delivered marks waiting in memory
+        share it). Raises ``OutboxFull`` (storing none of them) when the row cap or
+        the disk headroom would be crossed, ``OutboxError`` when SQLite fails.
         """
         if not items:
             return []
@@ -396,68 +424,62 @@ class Outbox:
             if undelivered + len(items) > self.max_rows:
                 raise OutboxFull(f"outbox full: {undelivered} undelivered rows "
                                  f"(cap {self.max_rows})")
-            free = self._free_bytes()
+            try:
+                free = self._free_bytes()
+            except OSError as exc:
+                raise OutboxError(f"cannot check free space: {exc}") from None
             if free < self.min_free_bytes:
                 raise OutboxFull(f"disk nearly full: {free // 1024} KiB free under "
                                  f"{self.path.parent} (keeping {self.min_free_bytes // 1024} KiB)")
             new = [Row(0, "msg_" + new_id(now), d.event_id, d.target, d.url, d.method,
                        dict(d.headers), bytes(d.body), d.content_type, 0, int(d.max_attempts),
                        now, now, now + float(d.max_age)) for d in items]
-            try:
-                if handover is not None:  # first: the sender may start while we write
-                    handover.offer(new)
-                with self.tx() as c:
-                    c.executemany(
-                        "INSERT INTO deliveries (webhook_id, event_id, target, url, method,"
-                        " headers, body, content_type, max_attempts, max_age, created_at,"
-                        " next_attempt_at, deadline) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                        [(r.webhook_id, r.event_id, r.target, r.url, r.method,
-                          compact_json(r.headers), r.body,
-                          r.content_type, r.max_attempts, float(d.max_age), now, now,
-                          r.deadline) for r, d in zip(new, items, strict=True)])
-                    # AUTOINCREMENT under the write lock: one batch gets consecutive ids.
-                    first = c.execute("SELECT last_insert_rowid()").fetchone()[0] \
-                        - len(items) + 1
-            except BaseException:
-                if handover is not None:
-                    handover.settle(None)
-                raise
-            stored = [replace(r, id=first + i) for i, r in enumerate(new)]
+            with self.tx() as c:
+                self._write_marks(c)
+                c.executemany(
+                    "INSERT INTO deliveries (webhook_id, event_id, target, url, method,"
+                    " headers, body, content_type, max_attempts, max_age, created_at,"
+                    " next_attempt_at, deadline) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    [(r.webhook_id, r.event_id, r.target, r.url, r.method,
+                      compact_json(r.headers), r.body,
+                      r.content_type, r.max_attempts, float(d.max_age), now, now,
+                      r.deadline) for r, d in zip(new, items, strict=True)])
+                # AUTOINCREMENT under the write lock: one batch gets consecutive ids.
+                first = c.execute("SELECT last_insert_rowid()").fetchone()[0] - len(items) + 1
+            self._marks_written()
             self._apply({"pending": len(items)})
-            if handover is not None:
-                handover.settle(stored)
-        return stored
+        return [replace(r, id=first + i) for i, r in enumerate(new)]
 
     def claim(self, target: str, limit: int, now: float, lease: float = LEASE) -> list[Row]:
         """Lease the due head of a target's queue, oldest first.
 
         Rows of one target are sent in order, so the claim stops at the first pending
         row that is not due yet (backing off) or still leased: a later row never
-        overtakes an earlier one. Writes nothing when nothing is due.
+        overtakes an earlier one. Leases live in memory (one daemon per state
+        directory, and a crash ends them anyway): a claim writes nothing.
         """
         with self.tx() as c:
             cur = c.execute(
-                f"SELECT {_ROW_COLUMNS}, lease_until FROM deliveries"
+                f"SELECT {_ROW_COLUMNS} FROM deliveries"
                 " WHERE status = 'pending' AND target = ? ORDER BY id LIMIT ?",
-                (target, int(limit)))
+                (target, int(limit) + len(self._settled)))
             rows: list[Row] = []
             for r in cur.fetchall():
-                if r[12] > now or r[14] > now:
+                if r[0] in self._settled:
+                    continue  # delivered; its mark is not written yet
+                if r[12] > now or self._leased.get(r[0], 0.0) > now or len(rows) >= limit:
                     break
                 rows.append(Row(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6]), r[7],
                                 r[8], r[9], r[10], r[11], r[12], r[13]))
-            if rows:
-                c.executemany("UPDATE deliveries SET lease_until = ? WHERE id = ?",
-                              [(now + lease, row.id) for row in rows])
+            for row in rows:
+                self._leased[row.id] = now + lease
         return rows
 
     def release(self, ids: Sequence[int]) -> None:
         """Give back leases of claimed rows that were not attempted (stop, head backing off)."""
-        if not ids:
-            return
-        with self.tx() as c:
-            c.executemany("UPDATE deliveries SET lease_until = 0 WHERE id = ? AND "
-                          "status = 'pending'", [(i,) for i in ids])
+        with self._lock:
+            for i in ids:
+                self._leased.pop(i, None)
 
     def next_due(self, target: str) -> float | None:
         """When the head of a target's queue is due (None: nothing pending).
@@ -466,31 +488,89 @@ class Outbox:
         order, so a later row that is due cannot go before a head that is backing off.
         """
         with self.tx() as c:
-            r = c.execute("SELECT next_attempt_at, lease_until FROM deliveries"
-                          " WHERE status = 'pending' AND target = ? ORDER BY id LIMIT 1",
-                          (target,)).fetchone()
-        return None if r is None else max(r[0], r[1])
+            for row_id, due in c.execute(
+                    "SELECT id, next_attempt_at FROM deliveries WHERE status = 'pending'"
+                    " AND target = ? ORDER BY id LIMIT ?", (target, 1 + len(self._settled))):
+                if row_id not in self._settled:
+                    return max(due, self._leased.get(row_id, 0.0))
+        return None
 
     def mark_delivered(self, ids_with_status: Sequence[tuple[int, int]], now: float) -> None:
-        """Mark rows delivered after a 2xx, one commit for the batch."""
+        """Mark rows delivered after a 2xx.
+
+        The mark waits in memory (at most ``MARK_LAG`` s) to share the commit of the
+        next new row; the counters, claims and listings see it at once. Lost in a
+        crash, it means one more delivery with the same webhook-id.
+        """
         if not ids_with_status:
             return
-        entries = [(HISTORY_MAX, _attempt(now, status, None), status, now, row_id)
-                   for row_id, status in ids_with_status]
         with self._lock:
-            with self.tx() as c:
-                cur = c.executemany(
-                    f"UPDATE deliveries SET status = 'delivered', attempts = attempts + 1,"
-                    f" {_HISTORY_APPEND}, last_status = ?, last_error = NULL, delivered_at = ?,"
-                    f" lease_until = 0 WHERE id = ? AND status = 'pending'", entries)
-                n = cur.rowcount
-                pruned = self._maybe_prune(c, now)
-            self._apply({"pending": -n, "delivered": n - pruned})
+            n = 0
+            for row_id, status in ids_with_status:
+                self._leased.pop(row_id, None)
+                if row_id in self._settled:
+                    continue
+                target = self._target_of(row_id)
+                if target is None:
+                    continue  # not pending any more (dropped, or marked by someone else)
+                self._settled[row_id] = target
+                self._marks.append((HISTORY_MAX, _attempt(now, status, None), status, now,
+                                    row_id))
+                n += 1
+            self._apply({"pending": -n, "delivered": n})
+            if self._marks and self._mark_timer is None and not self._closed:
+                self._mark_timer = threading.Timer(MARK_LAG, self.flush_marks)
+                self._mark_timer.daemon = True
+                self._mark_timer.start()
+
+    def _target_of(self, row_id: int) -> str | None:
+        with self.tx() as c:
+            r = c.execute("SELECT target FROM deliveries WHERE id = ? AND status = 'pending'",
+                          (row_id,)).fetchone()
+        return None if r is None else r[0]
+
+    def _write_marks(self, c: sqlite3.Connection) -> None:
+        """Write the delivered marks waiting in memory, inside the caller's transaction."""
+        if not self._marks:
+            return
+        cur = c.executemany(
+            f"UPDATE deliveries SET status = 'delivered', attempts = attempts + 1,"
+            f" {_HISTORY_APPEND}, last_status = ?, last_error = NULL, delivered_at = ?,"
+            f" lease_until = 0 WHERE id = ? AND status = 'pending'", self._marks)
+        gone = len(self._marks) - cur.rowcount  # rows dropped meanwhile: not delivered
+        if gone:
+            self._apply({"delivered": -gone})
+        pruned = self._maybe_prune(c, time.time())
+        self._apply({"delivered": -pruned})
+
+    def _marks_written(self) -> None:
+        """After the commit that held them: the marks are on disk."""
+        self._marks.clear()
+        self._settled.clear()
+        if self._mark_timer is not None:
+            self._mark_timer.cancel()
+            self._mark_timer = None
+
+    def flush_marks(self) -> None:
+        """Write the delivered marks waiting in memory now (timer, listings, close)."""
+        with self._lock:
+            if not self._marks or self._closed:
+                self._mark_timer = None
+                return
+            try:
+                with self.tx() as c:
+                    self._write_marks(c)
+            except OutboxError as exc:  # kept in memory: the next commit tries again
+                _LOG.warning("outbox: could not write delivered marks yet: %s", exc)
+                self._mark_timer = None
+                return
+            self._marks_written()
 
     def mark_retry(self, id: int, now: float, next_at: float, error: str,
                    status: int | None) -> None:
         """Record a failed attempt and when to try again."""
         with self.tx() as c:
+            self._leased.pop(id, None)
             c.execute(
                 f"UPDATE deliveries SET attempts = attempts + 1, {_HISTORY_APPEND},"
                 f" next_attempt_at = ?, last_error = ?, last_status = ?, lease_until = 0"
@@ -505,6 +585,7 @@ class Outbox:
             attempt, target removed): the attempt count and history stay as they are.
         """
         with self._lock:
+            self._leased.pop(id, None)
             with self.tx() as c:
                 if attempted:
                     cur = c.execute(
@@ -533,9 +614,11 @@ class Outbox:
         """Make a dead row pending again, due now, with a fresh deadline and its webhook-id.
 
         A pending row is made due now (its attempts kept). False when there is no
-        such row or it was already delivered.
+        such row or it was already delivered. The last error is cleared: the row is
+        a new try (its history keeps every attempt).
         """
         with self._lock:
+            self.flush_marks()
             with self.tx() as c:
                 r = c.execute("SELECT status FROM deliveries WHERE id = ?", (id,)).fetchone()
                 if r is None or r[0] == "delivered":
@@ -544,8 +627,8 @@ class Outbox:
                     c.execute("UPDATE deliveries SET next_attempt_at = ? WHERE id = ?", (now, id))
                     return True
                 c.execute("UPDATE deliveries SET status = 'pending', attempts = 0,"
-                          " next_attempt_at = ?, deadline = ? + max_age, lease_until = 0"
-                          " WHERE id = ?", (now, now, id))
+                          " next_attempt_at = ?, deadline = ? + max_age, lease_until = 0,"
+                          " last_error = NULL, last_status = NULL WHERE id = ?", (now, now, id))
             self._apply({"dead": -1, "pending": 1})
         return True
 
@@ -554,7 +637,8 @@ class Outbox:
         with self._lock:
             with self.tx() as c:
                 n = c.execute("UPDATE deliveries SET status = 'pending', attempts = 0,"
-                              " next_attempt_at = ?, deadline = ? + max_age, lease_until = 0"
+                              " next_attempt_at = ?, deadline = ? + max_age, lease_until = 0,"
+                              " last_error = NULL, last_status = NULL"
                               " WHERE status = 'dead'", (now, now)).rowcount
             self._apply({"dead": -n, "pending": n})
         return n
@@ -564,15 +648,47 @@ class Outbox:
         if status not in ("dead", "delivered"):
             raise ValueError("only dead or delivered rows can be purged")
         with self._lock:
+            self.flush_marks()
             with self.tx() as c:
                 n = c.execute(f"DELETE FROM deliveries WHERE status = '{status}'").rowcount
             self._apply({status: -n})
         return n
 
+    def drop(self, id: int) -> bool:
+        """Delete one pending or dead row (the user gave up on it); False if none."""
+        with self._lock:
+            self.flush_marks()
+            with self.tx() as c:
+                r = c.execute("SELECT status FROM deliveries WHERE id = ? AND status != "
+                              "'delivered'", (id,)).fetchone()
+                if r is None:
+                    return False
+                c.execute("DELETE FROM deliveries WHERE id = ?", (id,))
+            self._leased.pop(id, None)
+            self._apply({r[0]: -1})
+        _LOG.warning("outbox: row %d (%s) dropped by the user", id, r[0])
+        return True
+
+    def drop_target(self, target: str) -> int:
+        """Delete every pending and dead row of a target; returns how many."""
+        with self._lock:
+            self.flush_marks()
+            with self.tx() as c:
+                n = {status: c.execute("DELETE FROM deliveries WHERE status = ? AND target = ?",
+                                       (status, target)).rowcount
+                     for status in ("pending", "dead")}
+            self._leased.clear()  # the target's worker claims afresh
+            self._apply({s: -k for s, k in n.items()})
+        total = sum(n.values())
+        if total:
+            _LOG.warning("outbox: %d row(s) of target %s dropped by the user", total, target)
+        return total
+
     def prune(self, now: float, keep_delivered: float | None = None) -> int:
         """Delete delivered rows older than the retention period; returns how many."""
         keep = RETENTION if keep_delivered is None else keep_delivered
         with self._lock:
+            self.flush_marks()
             with self.tx() as c:
                 n = c.execute("DELETE FROM deliveries WHERE status = 'delivered'"
                               " AND delivered_at < ?", (now - keep,)).rowcount
@@ -597,6 +713,7 @@ class Outbox:
 
     def recount(self) -> dict[str, int]:
         """Re-read the counters from the table (after another process wrote to it)."""
+        self.flush_marks()
         with self.tx() as c:
             counts = {status: c.execute(
                 f"SELECT COUNT(*) FROM deliveries INDEXED BY {_STATUS_INDEX[status]}"
@@ -606,9 +723,17 @@ class Outbox:
 
     def targets_with_pending(self) -> set[str]:
         """Targets that have at least one pending row."""
+        return set(self.pending_by_target())
+
+    def pending_by_target(self) -> dict[str, int]:
+        """Pending rows per target (delivered marks still in memory count as delivered)."""
         with self.tx() as c:
-            return {r[0] for r in c.execute(
-                "SELECT DISTINCT target FROM deliveries WHERE status = 'pending'")}
+            counts = dict(c.execute("SELECT target, COUNT(*) FROM deliveries"
+                                    " INDEXED BY deliveries_pending WHERE status = 'pending'"
+                                    " GROUP BY target").fetchall())
+            for target in self._settled.values():
+                counts[target] = counts.get(target, 0) - 1
+        return {t: n for t, n in counts.items() if n > 0}
 
     def list(self, status: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
         """Rows for the API and CLI, newest first; never the URL, headers or body."""
@@ -633,9 +758,16 @@ class Outbox:
         sql = ("SELECT id, webhook_id, event_id, target, status, attempts, max_attempts,"
                " next_attempt_at, last_error, last_status, created_at, delivered_at, deadline,"
                f" history FROM deliveries {where} ORDER BY id DESC LIMIT ?")
+        self.flush_marks()  # a listing shows what is on disk
         with self.tx() as c:
             rows = c.execute(sql, (*args, int(limit))).fetchall()
+            # the head of each target's queue: every later pending row waits behind it
+            heads = dict(c.execute("SELECT target, MIN(id) FROM deliveries INDEXED BY"
+                                   " deliveries_pending WHERE status = 'pending'"
+                                   " GROUP BY target").fetchall())
         return [{
+            "waiting_behind": heads[r[3]] if r[4] == "pending" and heads.get(r[3], r[0]) < r[0]
+            else None,
             "id": r[0], "webhook_id": r[1], "event_id": r[2], "target": r[3], "status": r[4],
             "attempts": r[5], "max_attempts": r[6],
             "next_attempt_at": rfc3339(r[7]) if r[4] == "pending" else None,
@@ -664,82 +796,30 @@ class Outbox:
             return True, "ok"
 
     def close(self) -> None:
-        """Close the database and drop the state-dir lock; later calls raise."""
+        """Write waiting delivered marks, close the database, drop the state-dir lock."""
         with self._lock:
             if self._closed:
                 return
+            self.flush_marks()
             self._closed = True  # from here on tx() raises
+            if self._mark_timer is not None:
+                self._mark_timer.cancel()
         try:
-            if self._checkpointer is not None:
-                self._checkpointer.stop()  # not under the lock: its last run may wait for it
             with self._lock:
                 self._db.close()  # the last connection to close checkpoints the rest
         finally:
             self._release_dir_lock()
 
 
-class _Checkpointer:
-    """A thread with its own connection that runs PASSIVE WAL checkpoints when kicked."""
-
-    def __init__(self, path: Path, writers: threading.RLock) -> None:
-        self._path = path
-        self._writers = writers  # the outbox's lock: every write of the daemon takes it
-        self._kick = threading.Event()
-        self._stopping = False
-        self._thread: threading.Thread | None = None
-        self.runs = 0
-
-    def kick(self) -> None:
-        """Ask for a checkpoint soon (the thread starts on the first kick)."""
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="edgehook-checkpoint",
-                                            daemon=True)
-            self._thread.start()
-        self._kick.set()
-
-    def stop(self) -> None:
-        self._stopping = True
-        self._kick.set()
-        if self._thread is not None:
-            self._thread.join(10)
-
-    def _catch_up(self, db: sqlite3.Connection) -> None:
-        """PASSIVE checkpoints until one finds the WAL as the one before left it (no
-        write in between: all of it is in the database, and the next write starts
-        the file over); after ``CATCH_UP`` tries, one with the writers held."""
-        last = None
-        for _ in range(CATCH_UP):
-            frames = self._checkpoint(db)
-            if frames == last:
-                return
-            last = frames
-        with self._writers:  # writing all the while (a burst): one run with writers held
-            if not self._stopping:
-                self._checkpoint(db)
-
-    def _checkpoint(self, db: sqlite3.Connection) -> int:
-        """One PASSIVE checkpoint; the WAL's size in frames when it began."""
-        _busy, frames, _done = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-        self.runs += 1
-        return int(frames)
-
-    def _run(self) -> None:
-        db = None
-        try:
-            db = sqlite3.connect(str(self._path), timeout=BUSY_TIMEOUT_MS / 1000,
-                                 isolation_level=None, check_same_thread=False)
-            db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            while True:
-                self._kick.wait()
-                self._kick.clear()
-                if self._stopping:
-                    return
-                try:
-                    self._catch_up(db)
-                except sqlite3.Error as exc:  # the next kick tries again
-                    _LOG.warning("outbox: WAL checkpoint failed: %s", exc)
-        except Exception:
-            _LOG.exception("outbox: checkpointer stopped")
-        finally:
-            if db is not None:
-                db.close()
+def _fsync_dir(path: Path) -> None:
+    """fsync a directory, so a file created or renamed in it survives a power cut."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
