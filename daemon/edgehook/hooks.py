@@ -1,6 +1,6 @@
 """Pure checks for inbound hooks: who may call, whether they proved it, how often, what they sent.
 
-No sockets here: `http_api` reads the request and asks these functions, in this order
+No sockets here: `api` reads the request and asks these functions, in this order
 (cheapest and least revealing first; an unauthenticated caller learns nothing but 401):
 
     404 unknown hook -> 405 method -> 403 allow_from -> 413 size (before the body is read)
@@ -20,7 +20,7 @@ import math
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -95,6 +95,43 @@ def _client_allowed(addr: str, nets: tuple[ipaddress.IPv4Network | ipaddress.IPv
     if isinstance(ip, ipaddress.IPv4Address):  # also match a ::ffff:0:0/96 style rule
         candidates.append(ipaddress.IPv6Address("::ffff:" + str(ip)))
     return any(c in n for n in nets for c in candidates if c.version == n.version)
+
+
+def forwarded_client(peer: str, forwarded: Sequence[str] | None,
+                     trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+                     ) -> tuple[str, bool]:
+    """Who a request is from, behind trusted proxies: (address, X-Forwarded-For malformed).
+
+    Only a peer inside `trusted` is believed. Its `X-Forwarded-For` (all such headers,
+    in order) is walked right to left, past the trusted proxies, and the first address
+    that is not one of them is the client: whatever the client itself wrote further
+    left is never reached. When every hop is trusted the leftmost is the client. An
+    entry that is not an address makes the whole header untrustworthy: the peer is
+    the client then, and the second value says so (for a log line).
+    """
+    if not trusted or not forwarded or not _client_allowed(peer, trusted):
+        return peer, False
+    client = None
+    for entry in reversed([e for value in forwarded for e in value.split(",")]):
+        ip = _forwarded_address(entry.strip())
+        if ip is None:
+            return peer, True
+        client = ip
+        if not _client_allowed(ip, trusted):
+            break
+    return client or peer, False
+
+
+def _forwarded_address(entry: str) -> str | None:
+    """`192.0.2.1`, `192.0.2.1:4711`, `2001:db8::1` or `[2001:db8::1]:4711` -> the address."""
+    if entry.startswith("["):
+        entry, sep, _ = entry[1:].partition("]")
+        if not sep:
+            return None
+    elif entry.count(":") == 1:
+        entry = entry.partition(":")[0]
+    ip = parse_client(entry) if entry else None
+    return str(ip) if ip is not None else None
 
 
 # ---------------------------------------------------------------------- replay cache

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import threading
 from bisect import bisect_left
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -221,3 +222,44 @@ def daemon_families(snap: Mapping[str, object]) -> list[Family]:
                               {(n,): 1 if v.get("state") == "on" else 0
                                for n, v in states.items()}, (word,)))
     return fams
+
+
+class HttpStats:
+    """The HTTP server's counters: requests by handler kind and status, hook requests by
+    hook and status, refused connections, cut-off requests. One instance lives as long
+    as the listener (a reload hands it to the new routes), so counters never go back."""
+
+    def __init__(self) -> None:
+        self.requests: Counter[tuple[str, str]] = Counter()
+        self.hooks: Counter[tuple[str, str]] = Counter()
+        self.rejected_connections = 0
+        self.timeouts = 0
+        self._lock = threading.Lock()
+
+    def bump(self, what: str) -> None:
+        """Count one refused connection ("rejected_connections") or timeout ("timeouts")."""
+        with self._lock:
+            setattr(self, what, getattr(self, what) + 1)
+
+    def count(self, kind: str, status: int, hook: str | None = None) -> None:
+        """Count one answered request (`kind` from a closed set, never the path)."""
+        with self._lock:
+            self.requests[(kind, str(status))] += 1
+            if hook is not None:
+                self.hooks[(hook, str(status))] += 1
+
+    def families(self) -> list[Family]:
+        """The HTTP side of /metrics."""
+        with self._lock:
+            reqs, hooks = dict(self.requests), dict(self.hooks)
+            rejected, timeouts = self.rejected_connections, self.timeouts
+        return [
+            counter("edgehook_http_requests_total", "HTTP requests answered, by handler and "
+                    "status code", reqs, ("handler", "code")),
+            counter("edgehook_hook_requests_total", "requests to configured hooks, by hook "
+                    "and status code", hooks, ("hook", "code")),
+            counter("edgehook_http_connections_rejected_total", "connections refused with 503 "
+                    "because http.max_connections were busy", rejected),
+            counter("edgehook_http_request_timeouts_total", "requests cut off by http.timeout",
+                    timeouts),
+        ]

@@ -1,0 +1,420 @@
+"""The HTTP listener: the standard library's ThreadingHTTPServer, with limits around it.
+
+http.server reads and parses every request (`handle_one_request`, `parse_request`,
+http.client's header parser); this module only overrides its documented hooks
+(`setup`, `parse_request`, `handle_expect_100`, `send_error`, `log_message`, `do_*`;
+the server's `verify_request`, `process_request`, `finish_request`, `handle_error`)
+and hands each request to the routes (`api.Api.handle`). The limits:
+
+- **Time.** Every socket operation times out after `http.timeout` (default 5 s), and
+  a request as a whole must arrive within that time from the moment the server waits
+  for it: a client trickling one byte a second would otherwise reset a per-read timeout
+  for ever. One thread per listener keeps the deadlines (:class:`_Deadlines`) and, when
+  one passes, shuts the socket's reading side, so the blocked read returns and the
+  request is answered 408 and closed. An idle keep-alive connection is simply closed.
+- **Size.** The request line may be 8 KiB (else 414), the head 64 lines and 32 KiB
+  (else 431). http.client reads a head under its own, larger caps (64 KiB a line,
+  100 lines); ours are checked once it is parsed, so a hostile head costs at most
+  those caps for at most `http.timeout`. A body over `http.max_body` is refused (413)
+  from its Content-Length, unread, and `Expect: 100-continue` is not answered for it.
+- **Chunked bodies are refused** (411 Length Required): every known caller of a hook
+  (Home Assistant, GitHub, curl, phone shortcuts) sends Content-Length, and decoding
+  chunks would be a second body reader to keep bounded. The connection is closed after
+  any body left unread, so it cannot be taken for the next request.
+- **Connections.** At most `http.max_connections` are served at once (a slot taken in
+  `verify_request`, before a thread exists); one more is answered 503 at once and
+  closed, so a flood costs a refused connection, not a thread or memory.
+- **Methods** the API never uses get 501 (http.server finds no `do_` method).
+
+Every error is JSON `{"error", "detail"}` with the right 4xx, http.server's own too
+(`send_error`); nothing a client sends gets a 500. An unexpected bug is a logged 500.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import socket
+import sys
+import threading
+import time
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs
+
+from . import __version__
+from .api import Api
+from .routing import HttpError, Request, Response, error_response, request_kind
+
+_LOG = logging.getLogger(__name__)
+
+MAX_REQUEST_LINE = 8192    # bytes; longer is 414
+MAX_HEADER_LINE = 8192     # bytes of one header (name, value); longer is 431
+MAX_HEADERS = 64           # headers; more is 431
+MAX_HEAD_BYTES = 32768     # all headers together; more is 431
+POLL_INTERVAL = 0.5        # seconds serve_forever waits between looks at stop()
+_BUSY_BODY = b'{"error":"busy","detail":"too many connections; retry shortly"}'
+_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+         b"Retry-After: 1\r\nConnection: close\r\nContent-Length: "
+         + str(len(_BUSY_BODY)).encode() + b"\r\n\r\n" + _BUSY_BODY)
+
+
+class _Deadlines:
+    """Shuts the reading side of a connection whose request is not in by its deadline.
+
+    A handler arms its connection while it reads and disarms it after; :meth:`disarm`
+    says whether the deadline cut the read short. One thread, asleep until the
+    earliest deadline; arming and disarming are a dict operation under a lock.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._heap: list[tuple[float, int]] = []
+        self._armed: dict[int, tuple[float, socket.socket]] = {}
+        self._expired: set[int] = set()
+        self._keys = itertools.count()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="edgehook-http-deadlines",
+                                        daemon=True)
+        self._thread.start()
+
+    def key(self) -> int:
+        """A key for one connection."""
+        return next(self._keys)
+
+    def arm(self, key: int, sock: socket.socket, deadline: float) -> None:
+        """Watch `sock` until :meth:`disarm`; at `deadline` its reading side is shut."""
+        with self._cond:
+            self._armed[key] = (deadline, sock)
+            first = not self._heap or deadline < self._heap[0][0]
+            heapq.heappush(self._heap, (deadline, key))
+            if first:
+                self._cond.notify()
+
+    def passed(self, key: int) -> bool:
+        """True when the deadline cut the read short (the connection stays watched)."""
+        with self._cond:
+            return key in self._expired
+
+    def disarm(self, key: int) -> bool:
+        """Stop watching; True when the deadline passed (the read was cut short)."""
+        with self._cond:
+            self._armed.pop(key, None)
+            if key in self._expired:
+                self._expired.discard(key)
+                return True
+            return False
+
+    def stop(self) -> None:
+        """End the thread (the listener is closing)."""
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+        self._thread.join(timeout=2)
+
+    def _run(self) -> None:
+        with self._cond:
+            while not self._stopped:
+                now = time.monotonic()
+                while self._heap and self._heap[0][0] <= now:
+                    deadline, key = heapq.heappop(self._heap)
+                    armed = self._armed.get(key)
+                    if armed is None or armed[0] != deadline:
+                        continue  # disarmed, or armed again with another deadline
+                    del self._armed[key]
+                    self._expired.add(key)
+                    try:
+                        armed[1].shutdown(socket.SHUT_RD)
+                    except OSError:
+                        pass  # the peer is gone already: the read fails on its own
+                wait = self._heap[0][0] - now if self._heap else None
+                self._cond.wait(wait)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """One connection: http.server parses, :meth:`_serve` answers through the Api."""
+
+    server_version = f"edgehook/{__version__}"
+    sys_version = ""
+    protocol_version = "HTTP/1.1"
+    default_request_version = "HTTP/1.1"  # errors get a status line even for garbage
+    disable_nagle_algorithm = True        # status line and body are two writes
+    server: _Server
+
+    # ---------------------------------------------------------------- connection
+    def setup(self) -> None:
+        self.timeout = self.server.request_timeout
+        self._key = self.server.deadlines.key()
+        self._kind = "other"
+        self._client = self.client_address[0]
+        super().setup()
+
+    def handle_one_request(self) -> None:
+        """Wait for one request with its deadline armed (see the module docstring)."""
+        self._kind = "other"
+        self._deadline = time.monotonic() + self.timeout
+        self.server.deadlines.arm(self._key, self.connection, self._deadline)
+        try:
+            super().handle_one_request()
+        finally:
+            if self.server.deadlines.disarm(self._key):
+                self.close_connection = True
+
+    def parse_request(self) -> bool:
+        """http.server's parsing, then our limits on the head; False once answered."""
+        deadlines = self.server.deadlines
+        self.command, self.requestline = "", ""  # for an answer before http.server's parse
+        self.request_version = self.default_request_version
+        if deadlines.passed(self._key):
+            return self._timed_out()  # the request line was cut short
+        if len(self.raw_requestline) > MAX_REQUEST_LINE:
+            self.send_error(414, f"request line over {MAX_REQUEST_LINE} bytes")
+            return False
+        ok = super().parse_request()
+        if deadlines.passed(self._key):
+            return self._timed_out() if ok else False
+        if not ok:
+            return False
+        if len(self.requestline.split()) != 3:
+            self.send_error(400, "send HTTP/1.0 or HTTP/1.1 requests")
+            return False
+        sizes = [len(k) + len(v) + 4 for k, v in self.headers.items()]
+        if len(sizes) > MAX_HEADERS or sum(sizes) > MAX_HEAD_BYTES or \
+                any(n > MAX_HEADER_LINE for n in sizes):
+            self.send_error(431, f"at most {MAX_HEADERS} header lines, {MAX_HEADER_LINE} "
+                                 f"bytes each, {MAX_HEAD_BYTES} bytes in all")
+            return False
+        deadlines.disarm(self._key)  # the head is in; a body is read under its own arming
+        return True
+
+    def _timed_out(self) -> bool:
+        self.server.deadlines.disarm(self._key)
+        self.server.api.stats.bump("timeouts")
+        self.send_error(408, "request not received in time")
+        return False
+
+    def handle_expect_100(self) -> bool:
+        """Say 100 Continue only for a body that will be read (not too large, not chunked)."""
+        length = self.headers.get("Content-Length", "").strip()
+        if "Transfer-Encoding" in self.headers or not length.isdigit() or \
+                int(length) > self.server.api.max_body:
+            return True  # _serve answers without reading; the client sends nothing
+        return super().handle_expect_100()
+
+    # ---------------------------------------------------------------- requests
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        self._serve()
+
+    do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_GET  # noqa: N815
+
+    def _serve(self) -> None:
+        """Build the Request, let the Api answer it, write the Response."""
+        target = self.path
+        if "://" in target.partition("?")[0]:  # absolute-form: http://host/path
+            target = "/" + target.split("://", 1)[1].partition("/")[2]
+        path, _, query = target.partition("#")[0].partition("?")
+        self._kind = request_kind(path)
+        api = self.server.api
+        req = Request(method=self.command, path=path, query={}, headers=self.headers,
+                      peer=self.client_address[0], raw_query=query)
+        self._body_pending = False
+        self._client = req.peer
+        try:
+            if query:
+                req.query = parse_qs(query, keep_blank_values=True, max_num_fields=200)
+            req.reader = self._body_reader(api.max_body)
+            resp = api.handle(req)
+        except HttpError as exc:
+            resp = error_response(exc)
+        except ValueError:  # parse_qs: too many fields
+            resp = Response(400, {"error": "bad_request", "detail": "query too long"})
+        except Exception:
+            _LOG.exception("http %s %s failed", self.command, self._kind)
+            resp = Response(500, {"error": "internal", "detail": "see the daemon's log"})
+        if self._body_pending:
+            self.close_connection = True  # an unread body would be taken for the next request
+        self._client = req.client or req.peer
+        api.stats.count(self._kind, resp.status, req.params.get("hook"))
+        self._send(resp)
+
+    def _body_reader(self, max_body: int) -> Any:
+        """A callable that reads the body once, within the request's deadline."""
+        raw = self.headers.get("Content-Length")
+        if "Transfer-Encoding" in self.headers:
+            self._body_pending = True
+
+            def refuse() -> bytes:
+                raise HttpError(411, "length_required", "send Content-Length, not chunked")
+            return refuse
+        if raw is None:
+            return lambda: b""
+        raw = raw.strip()
+        if not (raw.isascii() and raw.isdigit()) or len(raw) > 12:
+            raise HttpError(400, "bad_request", "bad Content-Length")
+        length = int(raw)
+        self._body_pending = length > 0
+
+        def read() -> bytes:
+            if length > max_body:
+                raise HttpError(413, "too_large", f"body over {max_body} bytes")
+            if not length:
+                return b""
+            deadlines = self.server.deadlines
+            deadlines.arm(self._key, self.connection, self._deadline)
+            try:
+                data = self.rfile.read(length)
+            except TimeoutError:
+                data = None
+            if deadlines.disarm(self._key) or data is None:
+                self.server.api.stats.bump("timeouts")
+                raise HttpError(408, "request_timeout", "request body not received in time")
+            if len(data) < length:
+                raise HttpError(400, "bad_request", "body shorter than Content-Length")
+            self._body_pending = False
+            return data
+        return read
+
+    def _send(self, resp: Response) -> None:
+        data, ctype = resp.payload()
+        self.send_response(resp.status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Cache-Control", "no-store")
+        for name, value in resp.headers.items():
+            self.send_header(name, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD" and data:
+            self.wfile.write(data)
+
+    # ---------------------------------------------------------------- http.server's hooks
+    def send_error(self, code: int, message: str | None = None,
+                   explain: str | None = None) -> None:
+        """http.server's own refusals (bad request line, 431, 501...) as JSON too."""
+        self.close_connection = True
+        try:
+            error = HTTPStatus(code).phrase.lower().replace(" ", "_").replace("-", "_")
+        except ValueError:
+            error = "error"
+        self.server.api.stats.count(self._kind, code)
+        _LOG.debug("http %s refused: %d %s", self.client_address[0], code, message)
+        self._send(Response(code, {"error": error, "detail": message or explain or ""}))
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        """One debug line per answer: the kind of request, never its path or query."""
+        _LOG.debug("http %s %s %s %s", self._client, self.command, self._kind, code)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        _LOG.debug("http %s " + format, self.client_address[0], *args)
+
+
+class _Server(ThreadingHTTPServer):
+    """Thread per connection, at most `max_connections` of them; the rest get a quick 503."""
+
+    daemon_threads = True
+    block_on_close = False  # stop() does not wait for idle keep-alive connections
+    request_queue_size = 128
+
+    def __init__(self, addr: tuple[str, int], api: Api, timeout: float,
+                 max_connections: int) -> None:
+        self.api = api
+        self.request_timeout = timeout
+        self.slots = threading.BoundedSemaphore(max_connections)
+        self.deadlines = _Deadlines()
+        try:
+            super().__init__(addr, _Handler)
+        except BaseException:
+            self.deadlines.stop()
+            raise
+
+    def server_bind(self) -> None:
+        if self.address_family == socket.AF_INET6 and self.server_address[0] == "::":
+            # dual stack: IPv4 callers arrive as ::ffff:a.b.c.d (hooks.py maps them back)
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        """Take a connection slot, or answer 503 and refuse the connection."""
+        if self.slots.acquire(blocking=False):
+            return True
+        self._busy(request)
+        return False
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request(request, client_address)
+        except RuntimeError:  # no thread could be started: answer like a full server
+            self.slots.release()
+            self._busy(request)
+            self.shutdown_request(request)
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        try:
+            super().finish_request(request, client_address)
+        finally:
+            self.slots.release()
+
+    def _busy(self, request: Any) -> None:
+        self.api.stats.bump("rejected_connections")
+        try:
+            request.setblocking(False)
+            try:
+                request.recv(65536)  # whatever already arrived, so close() sends FIN not RST
+            except OSError:
+                pass
+            request.send(_BUSY)
+        except OSError:
+            pass
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A connection that failed: a client that went away is no news; a bug is."""
+        if isinstance(sys.exc_info()[1], OSError):
+            _LOG.debug("http: connection from %s ended: %s", client_address[0],
+                       sys.exc_info()[1])
+            return
+        _LOG.exception("http: connection from %s failed", client_address[0])
+
+    def server_close(self) -> None:
+        super().server_close()
+        self.deadlines.stop()
+
+
+class HttpServer:
+    """The HTTP listener bound to config's address, serving in its own thread."""
+
+    def __init__(self, host: str, port: int, api: Api, timeout: float = 5.0,
+                 max_connections: int | None = None) -> None:
+        server_cls = _Server
+        if ":" in host:
+            server_cls = type("V6Server", (_Server,), {"address_family": socket.AF_INET6})
+        self.httpd = server_cls((host, port), api, timeout,
+                                max_connections or api.max_connections)
+        self.address = self.httpd.server_address[:2]
+        self._thread: threading.Thread | None = None
+
+    @property
+    def api(self) -> Api:
+        """The routes serving requests now."""
+        return self.httpd.api
+
+    def start(self) -> None:
+        """Accept connections in a thread of its own."""
+        self._thread = threading.Thread(target=self.httpd.serve_forever,
+                                        args=(POLL_INTERVAL,), name="edgehook-http",
+                                        daemon=True)
+        self._thread.start()
+
+    def set_api(self, api: Api) -> None:
+        """Swap the routes' config snapshot (reload) as one reference; keep guards/stats."""
+        api.adopt(self.httpd.api)
+        self.httpd.api = api
+
+    def stop(self) -> None:
+        """Stop accepting; requests in flight finish on their own threads."""
+        if self._thread is not None:
+            self.httpd.shutdown()
+            self._thread.join(timeout=2)
+        self.httpd.server_close()
