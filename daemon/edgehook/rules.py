@@ -303,10 +303,11 @@ class RuleEngine:
 
 
 def _seconds(left: float) -> str:
-    """A wait as a person reads it: `7.2 s`, `4 min 48 s`, `1 h 5 min`."""
-    if left < 60:
+    """A wait as a person reads it: `7.2 s`, `4 min 48 s`, `1 h 5 min` (never rounded up
+    into the next minute or hour, so a 1 h cooldown just begun reads `59 min 59 s`)."""
+    if round(left, 1) < 60:
         return f"{max(left, 0.1):.1f} s"
-    whole = round(left)
+    whole = max(int(left), 60)
     if whole < 3600:
         return f"{whole // 60} min {whole % 60} s"
     return f"{whole // 3600} h {whole % 3600 // 60} min"
