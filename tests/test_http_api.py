@@ -21,13 +21,14 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from edgehook.api import Api
 from edgehook.app import Daemon
 from edgehook.config import HookAuth, HookConfig, load_config
 from edgehook.dispatcher import Reply
 from edgehook.errors import CommandError
-from edgehook.http_api import Api, HttpServer
-from edgehook.routing import Request
+from edgehook.http_server import HttpServer
 from edgehook.metrics import Histogram, escape_label, format_value, render
+from edgehook.routing import Request
 from edgehook.signing import sign_github, standard_headers
 
 API_TOKEN = "api-secret-token"
