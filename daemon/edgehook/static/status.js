@@ -104,8 +104,9 @@
 
   function applyTargets(targets) {
     const frag = document.createDocumentFragment();
-    for (const [name, w] of Object.entries(targets)) {
-      const [word, cls] = health(w || {});
+    for (const [name, entry] of Object.entries(targets)) {
+      const w = entry || {};
+      const [word, cls] = health(w);
       const li = node("li", "card");
       li.dataset.target = name;
       const what = node("div", "what");
@@ -167,7 +168,10 @@
       }
       li.append(time(ev.time), " ", node("span", "type", ev.type), " ",
                 node("span", "source", ev.source), summary);
-      for (const s of skipped) li.append(node("div", "skipped", "skipped " + s.rule + ": " + s.reason));
+      for (const s of skipped) {
+        const [rule, why] = Array.isArray(s) ? s : [s.rule, s.reason];
+        li.append(node("div", "skipped", "skipped " + rule + ": " + why));
+      }
       for (const e of errors) li.append(node("div", "error", "error: " + e));
       frag.append(li);
     }
