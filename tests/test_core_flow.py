@@ -130,5 +130,5 @@ def test_bus_overflow_drops_the_oldest_counts_and_logs(caplog) -> None:
     for e in events:
         bus.put(e)
     assert bus.dropped == 2
-    assert [e.source for e, _ in bus.take(10)] == ["b2", "b3", "b4"]
+    assert [item.event.source for item in bus.take(10)] == ["b2", "b3", "b4"]
     assert sum("dropped oldest event" in r.getMessage() for r in caplog.records) == 2

@@ -1,10 +1,11 @@
-"""The dispatcher's log budget: a steady stream of events stays at about one
-journal line per event up to LOG_EVENTS_PER_S, then one summary line a second."""
+"""The dispatcher: one thread runs every event; a batch is stored before it is
+acknowledged; a storage failure is data; the log budget keeps a burst to a few lines."""
 
 from __future__ import annotations
 
 import logging
 import re
+import sqlite3
 import threading
 import time
 
@@ -12,8 +13,9 @@ import pytest
 
 from edgehook import dispatcher as dp
 from edgehook.dispatcher import Actions, Bus, Dispatcher, Reply
+from edgehook.errors import EdgehookError
 from edgehook.events import Event, make_event
-from edgehook.rules import Plan
+from edgehook.rules import OutputCall, Plan, WebhookCall
 
 
 class NoRules:
@@ -104,126 +106,107 @@ def sources_seen(engine: Recording, n: int) -> list[str]:
     return [s for s, _ in engine.seen]
 
 
-def test_run_now_runs_on_the_callers_thread_when_nothing_is_queued() -> None:
+def test_every_event_runs_on_the_dispatcher_thread_in_order() -> None:
+    """Sources only enqueue: whoever puts, the rules run on the one dispatcher thread."""
     engine = Recording()
     bus, d = make(engine)
     d.start()
     try:
-        reply = Reply()
-        d.run_now(make_event("hook.received", "sync"), reply, 5.0)
-        assert reply.done.is_set() and reply.fired == ["r"]
-        assert engine.seen == [("sync", threading.current_thread().name)]
-        assert d.events_total == 1 and d.recent[0]["source"] == "sync"
+        threads = [threading.Thread(target=bus.put, args=(make_event("x", f"s{i}"),))
+                   for i in range(5)]
+        for t in threads:
+            t.start()
+            t.join()
+        assert sources_seen(engine, 5) == [f"s{i}" for i in range(5)]
+        assert {name for _, name in engine.seen} == {"edgehook-dispatcher"}
     finally:
         d.stop()
 
 
-def test_run_now_runs_the_few_events_queued_ahead_first() -> None:
-    engine = Recording()
-    bus, d = make(engine)  # not started: only run_now takes events off the bus
-    bus.put(make_event("hook.received", "queued-1"))
-    bus.put(make_event("hook.received", "queued-2"))
-    reply = Reply()
-    d.run_now(make_event("hook.received", "sync"), reply, 5.0)
-    assert reply.done.is_set()
-    assert [s for s, _ in engine.seen] == ["queued-1", "queued-2", "sync"]  # order kept
-    assert len(bus) == 0 and d.events_total == 3
+class Hooks:
+    """An engine whose every event asks for one webhook and one output."""
+
+    def evaluate(self, event: Event, states: dict) -> Plan:
+        return Plan(fired=["r"], calls=[
+            WebhookCall("r", "t", "http://127.0.0.1:9/", {}, b"{}", "application/json"),
+            OutputCall("r", "light", "on", None)])
 
 
-def test_run_now_waits_behind_a_long_queue(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(dp, "HELP_MAX", 2)
-    engine = Recording()
-    bus, d = make(engine)
+def wired(store) -> tuple[Bus, Dispatcher, list[str]]:
+    """A dispatcher whose side effects append to one log, in the order they happen."""
+    log: list[str] = []
+    bus = Bus()
+    d = Dispatcher(bus, Hooks(), Actions(  # type: ignore[arg-type]
+        store=lambda calls: (store(calls), log.append(f"store {len(calls)}")),
+        set_output=lambda *a: log.append("output") or {"state": "on"},
+        publish=lambda *a: None, states=lambda: {}))
+    return bus, d, log
+
+
+def wait_for(pred, what: str, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+def test_an_event_is_acknowledged_only_after_its_batch_is_stored() -> None:
+    bus, d, log = wired(lambda calls: None)
     for i in range(3):
-        bus.put(make_event("hook.received", f"queued-{i}"))
-    reply = Reply()
-    caller = threading.Thread(target=d.run_now,
-                              args=(make_event("hook.received", "sync"), reply, 5.0))
-    caller.start()
-    deadline = time.monotonic() + 5
-    while len(bus) < 4 and time.monotonic() < deadline:  # queued behind the three
-        time.sleep(0.01)
-    assert len(bus) == 4 and not reply.done.is_set()
-    d.start()
+        bus.put(make_event("mqtt.message", f"m{i}"), ack=lambda i=i: log.append(f"ack {i}"))
+    d.start()  # all three queued: one batch, one store
     try:
-        caller.join(5)
-        assert reply.done.is_set()
-        assert [s for s, _ in engine.seen] == ["queued-0", "queued-1", "queued-2", "sync"]
-        assert {t for _, t in engine.seen} == {"edgehook-dispatcher"}
+        wait_for(lambda: log.count("output") == 3, "the batch")
+        assert log[0] == "store 3" and log.index("ack 0") > 0
+        assert sorted(x for x in log if x.startswith("ack")) == ["ack 0", "ack 1", "ack 2"]
     finally:
         d.stop()
 
 
-def test_run_now_behind_a_hung_batch_queues_the_event_and_returns() -> None:
-    engine, bus, d = hung()
+@pytest.mark.parametrize("failure", [EdgehookError("disk full"),
+                                     sqlite3.OperationalError("disk I/O error")])
+def test_a_failed_store_still_switches_outputs_acks_nothing_and_retries(
+        failure: Exception, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A storage error (ours or a raw SQLite one) is data: the batch's outputs run, the
+    failure is counted, the MQTT message is not acknowledged until its webhook is
+    stored on a later try, and a hook is told at once (it answers 503)."""
+    monkeypatch.setattr(dp, "STORE_RETRY", 0.05)
+    failing = threading.Event()
+    failing.set()
+
+    def store(calls) -> None:
+        if failing.is_set():
+            raise failure
+
+    bus, d, log = wired(store)
+    acks: list[str] = []
+    reply = Reply()
+    bus.put(make_event("mqtt.message", "m"), ack=lambda: acks.append("m"))
+    bus.put(make_event("hook.received", "h"), reply)
+    d.start()
     try:
-        reply = Reply()
-        t0 = time.monotonic()
-        d.run_now(make_event("hook.received", "sync"), reply, 0.3)
-        assert 0.25 < time.monotonic() - t0 < 3
-        assert not reply.done.is_set() and len(bus) == 1  # queued, not lost
-        assert d.stalled_for() > 0.25
-        engine.hold.set()
         assert reply.done.wait(5)
-        assert [s for s, _ in engine.seen] == ["slow", "sync"]
-    finally:
-        engine.hold.set()
-        d.stop()
-
-
-def test_offer_runs_on_the_callers_thread_after_a_quiet_spell() -> None:
-    engine = Recording()
-    bus, d = make(engine)
-    d.start()
-    try:
-        d.offer(make_event("mqtt.message", "quiet"))
-        # done when offer returns: nothing was queued for the dispatcher thread
-        assert engine.seen == [("quiet", threading.current_thread().name)]
-        assert d.events_total == 1 and len(bus) == 0
+        assert reply.store_error and reply.results == [{"output": "light", "state": "on"}]
+        wait_for(lambda: log.count("output") == 2, "both outputs")
+        assert acks == [] and d.unstored == 1 and d.store_failures == 2
+        failing.clear()  # the disk is back
+        wait_for(lambda: acks == ["m"], "the held message's ack")
+        assert d.unstored == 0 and "store 1" in log  # the hook's webhook was not kept
     finally:
         d.stop()
 
 
-def test_offer_queues_in_a_burst_so_that_batches_stay_whole(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(dp, "QUIET_BEFORE_INLINE", 60.0)  # every offer counts as a burst
-    engine = Recording()
-    bus, d = make(engine)
-    d._last_done = time.monotonic()
+def test_a_press_whose_webhook_waits_in_memory_is_capped_loudly(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(dp, "UNSTORED_MAX", 2)
+    bus, d, _ = wired(lambda calls: (_ for _ in ()).throw(EdgehookError("disk full")))
     for i in range(3):
-        d.offer(make_event("mqtt.message", f"burst-{i}"))
-    assert engine.seen == [] and len(bus) == 3  # queued, not run by the caller
+        bus.put(make_event("input.pressed", f"p{i}"))
     d.start()
     try:
-        assert sources_seen(engine, 3) == ["burst-0", "burst-1", "burst-2"]
-        assert {t for _, t in engine.seen} == {"edgehook-dispatcher"}
+        wait_for(lambda: d.events_total == 3, "three presses")
+        assert d.unstored == 2 and d.unstored_dropped == 1
+        assert any("LOST" in r.getMessage() and "from p0" in r.getMessage()
+                   for r in caplog.records if r.levelno == logging.ERROR)
     finally:
-        d.stop()
-
-
-def test_offer_behind_a_queue_keeps_the_order() -> None:
-    engine = Recording()
-    bus, d = make(engine)  # not started: what is queued stays queued
-    bus.put(make_event("hook.received", "queued"))
-    d.offer(make_event("mqtt.message", "offered"))
-    assert engine.seen == [] and len(bus) == 2
-    d.start()
-    try:
-        assert sources_seen(engine, 2) == ["queued", "offered"]
-    finally:
-        d.stop()
-
-
-def test_offer_never_waits_for_a_running_batch() -> None:
-    engine, bus, d = hung()
-    try:
-        d._last_done = 0.0  # long quiet before the slow batch: only the lock is in the way
-        t0 = time.monotonic()
-        d.offer(make_event("mqtt.message", "offered"))
-        assert time.monotonic() - t0 < 0.5 and len(bus) == 1  # queued at once
-        engine.hold.set()
-        assert sources_seen(engine, 2) == ["slow", "offered"]
-        assert engine.seen[1][1] == "edgehook-dispatcher"
-    finally:
-        engine.hold.set()
         d.stop()

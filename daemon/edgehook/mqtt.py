@@ -17,10 +17,16 @@ here on purpose:
   MQTT 5 `clean_start=False` + session expiry) so QoS 1 messages sent while the
   daemon restarts are delivered when it comes back.
 
-paho acknowledges a QoS 1 message when `on_message` returns, so the callbacks only
-translate and enqueue (`put`, `on_command`): no HTTP, no `wait_for_publish`, no
-blocking, and nothing raises out of a callback (an exception would end paho's
-network thread).
+Acknowledgements are manual (`manual_ack=True`): a QoS 1 message that becomes an
+event is PUBACKed by the dispatcher once the event's webhooks are fsynced (a burst
+is acknowledged batch by batch, after each batch's one commit); a message that
+could not be stored is not acknowledged, so the broker keeps it and sends it
+again on the next session. Every other message (commands, skipped or malformed
+ones) is acknowledged as soon as it is handled. The broker's in-flight window
+bounds how many unacknowledged messages it sends us. The callbacks only translate
+and enqueue (`put`, `on_command`): no HTTP, no `wait_for_publish`, no blocking,
+and nothing raises out of a callback (an exception would end paho's network
+thread).
 
 Input and output states are not queued: the link keeps the latest state per
 name and publishes it (retained) on every connect, so the broker ends up with the
@@ -114,7 +120,7 @@ def decode_payload(payload: bytes) -> tuple[Any, bool]:
         return base64.b64encode(payload).decode("ascii"), True
     try:
         return json.loads(text, parse_constant=_reject_constant), False
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested too deep to parse: text
         return text, False
 
 
@@ -207,13 +213,14 @@ class MqttLink:
     """The broker link the app starts once and feeds publishes; thread-safe."""
 
     def __init__(self, cfg: MqttConfig, device: Device, gpio: GpioConfig,
-                 filters: Sequence[Filter], *, put: Callable[[Event], None],
+                 filters: Sequence[Filter], *, put: Callable[[Event, Callable[[], None]], None],
                  on_command: Callable[[str, str, float | None], None],
                  states: Callable[[], tuple[dict[str, bool], dict[str, bool]]]) -> None:
         """Build the client; no network I/O happens until `start()`.
 
         :param filters: (topic filter, QoS) of every MQTT trigger.
-        :param put: puts an `mqtt.message` event on the bus (must not block).
+        :param put: puts an `mqtt.message` event on the bus with the callable that
+            acknowledges it (QoS 1: called once the event's webhooks are durable).
         :param on_command: enqueues an output command (name, on|off|toggle, seconds).
         :param states: current (inputs name->active, outputs name->on), to seed the
             state topics published on connect.
@@ -225,6 +232,7 @@ class MqttLink:
         self._snap = _snapshot(cfg, device, gpio, filters)
         self._queue: deque[tuple[str, bytes, int, bool]] = deque()
         self._dropped = 0
+        self.malformed = 0  # messages that could not be handled (logged and skipped)
         self._inputs: dict[str, bool] = {}
         self._outputs: dict[str, bool] = {}
         self._announced: list[Message] = []  # discovery configs on the broker now
@@ -240,9 +248,12 @@ class MqttLink:
 
     def _make_client(self, cfg: MqttConfig) -> paho.Client:
         v5 = cfg.protocol == "5"
+        # manual_ack: a QoS 1 message is PUBACKed only once its webhooks are on disk
+        # (the dispatcher calls the ack after its fsynced commit); the session is
+        # persistent, so the broker sends again whatever was not acknowledged
         client = paho.Client(CallbackAPIVersion.VERSION2, client_id=cfg.client_id,
                              clean_session=None if v5 else False,
-                             protocol=paho.MQTTv5 if v5 else paho.MQTTv311)
+                             protocol=paho.MQTTv5 if v5 else paho.MQTTv311, manual_ack=True)
         if cfg.username is not None:
             client.username_pw_set(cfg.username, cfg.password)
         if cfg.tls is not None:
@@ -526,24 +537,38 @@ class MqttLink:
                        ", ".join(bad))
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        """Translate and enqueue; acknowledge at once unless an event now owns the ack."""
+        queued = False
         try:
-            self._route(msg)
-        except Exception:
-            _LOG.exception("MQTT: a message could not be handled (dropped)")
+            queued = self._route(msg)
+        except Exception as exc:  # a bad message is logged and skipped, never a traceback storm
+            self.malformed += 1
+            _LOG.warning("MQTT: a message could not be handled (skipped): %s: %s",
+                         type(exc).__name__, exc)
+        if not queued:
+            self._ack(msg.mid, msg.qos)
 
-    def _route(self, msg: paho.MQTTMessage) -> None:
-        """Translate one message into a command, a re-announce and/or an event."""
+    def _ack(self, mid: int, qos: int) -> None:
+        if qos:
+            try:
+                self._client.ack(mid, qos)
+            except Exception as exc:  # the link went away: the broker sends it again
+                _LOG.warning("MQTT: could not acknowledge message %d: %s", mid, exc)
+
+    def _route(self, msg: paho.MQTTMessage) -> bool:
+        """Translate one message into a command, a re-announce and/or an event; True
+        when an event was queued (its ack then goes with it, sent once it is durable)."""
         snap = self._snap
         try:
             topic = msg.topic
         except UnicodeDecodeError:
             _LOG.warning("MQTT: dropped a message whose topic is not UTF-8")
-            return
+            return False
         payload: bytes = msg.payload
         if len(payload) > snap.cfg.max_payload:
             _LOG.warning("MQTT: dropped a %d-byte message on %s (over max_payload %d)",
                          len(payload), topic, snap.cfg.max_payload)
-            return
+            return False
         retain = bool(msg.retain)
         cmd_head = f"{snap.prefix}/output/"
         if topic.startswith(cmd_head) and topic.endswith("/set"):
@@ -554,16 +579,16 @@ class MqttLink:
               and payload.strip().lower() == b"online"):
             self._reannounce()  # a retained "online" arrives on every subscribe: skip it
         if next(snap.triggers.iter_match(topic), None) is None:
-            return
+            return False
         value, is_b64 = decode_payload(payload)
         data: dict[str, Any] = {"topic": topic, "payload": value, "retain": retain,
                                 "qos": msg.qos}
         if is_b64:
             data["payload_base64"] = True
-        try:
-            self._put(make_event("mqtt.message", source=topic, data=data))
-        except Exception:
-            _LOG.exception("MQTT: could not queue the event for %s (dropped)", topic)
+        mid, qos = msg.mid, msg.qos
+        self._put(make_event("mqtt.message", source=topic, data=data),
+                  lambda: self._ack(mid, qos))
+        return True
 
     def _command(self, snap: _Snapshot, name: str, payload: bytes, retain: bool,
                  topic: str) -> None:
