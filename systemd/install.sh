@@ -8,21 +8,23 @@
 #   sudo systemd/install.sh --root DIR   lay everything out under DIR (an image,
 #                                        a chroot, a test) and touch nothing else
 #
-# What it does, in order: creates the `edgehook` system user (sysusers.d),
-# creates a virtualenv in /opt/edgehook/venv (never --system-site-packages, so
-# PEP 668's "externally-managed-environment" never applies) and pip-installs
-# edgehook from the checkout this script sits in, adds lgpio on a Raspberry Pi,
-# copies config/example.yaml to /etc/edgehook/edgehook.yaml unless that file
-# exists, installs the unit, runs `edgehook check`, and only then enables and
-# (re)starts the service. Running it again upgrades the code and keeps the
-# config, the credentials and the outbox.
+# What it does, in order: creates the `edgehook` system user (sysusers.d); on a
+# Raspberry Pi installs lgpio and gpiozero from the distribution (apt's
+# python3-lgpio and python3-gpiozero, see install_lgpio below); creates a
+# virtualenv in /opt/edgehook/venv (with the system site packages when lgpio
+# came from apt) and pip-installs edgehook from the checkout this script sits
+# in; links /usr/local/bin/edgehook to it; installs config/starter.yaml as
+# /etc/edgehook/edgehook.yaml unless that file exists (it reads the doorbell
+# and does nothing else until edited); installs the unit, runs `edgehook
+# check`, and only then enables and (re)starts the service. Running it again
+# upgrades the code and keeps the config, the credentials and the outbox.
 #
 # Environment:
 #   EDGEHOOK_PIP_ARGS   extra pip arguments, word-split (e.g. "--no-index
 #                       --find-links /srv/wheels" for an offline install)
 #   EDGEHOOK_PYTHON     interpreter for the venv (default /usr/bin/python3)
-#   EDGEHOOK_LGPIO      auto (default) | yes | no: install lgpio into the venv
-#   EDGEHOOK_EXAMPLE_CONFIG  first config to copy (default config/example.yaml)
+#   EDGEHOOK_LGPIO      auto (default: on a Raspberry Pi) | yes | no
+#   EDGEHOOK_STARTER_CONFIG  first config to install (default config/starter.yaml)
 #   EDGEHOOK_USERADD=1  create the user with useradd even where systemd-sysusers
 #                       exists (the fallback path, for tests)
 #
@@ -44,11 +46,14 @@ readonly UNIT=/etc/systemd/system/edgehook.service
 readonly DROPIN_DIR=/etc/systemd/system/edgehook.service.d
 readonly WANTS_LINK=/etc/systemd/system/multi-user.target.wants/edgehook.service
 readonly SYSUSERS=/usr/lib/sysusers.d/edgehook.conf
+readonly LINK=/usr/local/bin/edgehook
 
 ROOT=""
 ACTION=install
 PURGE=0
 SKIPPED=()
+LGPIO=0        # 1: this install needs lgpio (a Pi, or EDGEHOOK_LGPIO=yes)
+SYSTEM_SITE=0  # 1: the system Python has lgpio, so the venv sees its site packages
 
 say() { printf 'edgehook-install: %s\n' "$*"; }
 skip() { SKIPPED+=("$*"); say "skipped: $*"; }
@@ -180,13 +185,17 @@ install_venv() {
     venv=$(r "$VENV")
     read -r -a pip_args <<< "${EDGEHOOK_PIP_ARGS:-}"
     mkdir -p "$(r "$PREFIX")"
+    local venv_args=() want=false
+    if ((SYSTEM_SITE)); then venv_args+=(--system-site-packages); want=true; fi
     # Reuse the venv for an in-place upgrade, unless its interpreter is gone
-    # (e.g. after an OS upgrade replaced Python): then rebuild it.
-    if [[ -x $venv/bin/python ]] && "$venv/bin/python" -c 'import sys' 2>/dev/null; then
+    # (e.g. after an OS upgrade replaced Python) or it sees the system site
+    # packages when it should not, or the other way round: then rebuild it.
+    if [[ -x $venv/bin/python ]] && "$venv/bin/python" -c 'import sys' 2>/dev/null \
+            && grep -qx "include-system-site-packages = $want" "$venv/pyvenv.cfg" 2>/dev/null; then
         say "upgrading the virtualenv in $venv"
     else
-        say "creating a virtualenv in $venv with $PYTHON"
-        "$PYTHON" -m venv --clear "$venv"
+        say "creating a virtualenv in $venv with $PYTHON${venv_args[*]:+ ${venv_args[*]}}"
+        "$PYTHON" -m venv --clear "${venv_args[@]}" "$venv"
     fi
     # Build from a copy: pip builds in the source tree, and root-owned
     # build/ and *.egg-info directories in the user's checkout would get in
@@ -207,15 +216,19 @@ install_venv() {
     "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
         --force-reinstall --no-deps "${pip_args[@]}" "$src"
     [[ -x $venv/bin/edgehook ]] || die "pip did not install $venv/bin/edgehook"
+    if ((LGPIO)); then venv_lgpio "$venv"; fi
+}
 
+# Whether this install needs lgpio: on a Raspberry Pi (or EDGEHOOK_LGPIO=yes).
+want_lgpio() {
     case ${EDGEHOOK_LGPIO:-auto} in
-        yes) install_lgpio "$venv" ;;
+        yes) LGPIO=1 ;;
         no) skip "lgpio: EDGEHOOK_LGPIO=no" ;;
         auto)
             if [[ -n $ROOT ]]; then
                 skip "lgpio: --root install (EDGEHOOK_LGPIO=yes adds it, e.g. for a Pi image)"
             elif is_raspberry_pi; then
-                install_lgpio "$venv"
+                LGPIO=1
             else
                 skip "lgpio: not a Raspberry Pi (no 'Raspberry Pi' in /proc/device-tree/model, no /dev/gpiochip0)"
             fi
@@ -225,25 +238,62 @@ install_venv() {
 }
 
 # gpiozero picks lgpio first; it talks to /dev/gpiochip* and works on a Pi 5,
-# where RPi.GPIO does not. Only the PyPI package can go into the venv: apt's
-# python3-lgpio lives in the system site-packages, which the venv cannot see.
+# where RPi.GPIO does not. PyPI has lgpio wheels only for CPython 3.11 (aarch64
+# and armv7l); for any other Python (Trixie's 3.13) pip would build it from
+# source, which needs a compiler, swig and the lgpio C library. Raspberry Pi OS
+# packages it for its own Python as python3-lgpio (Bookworm and Trixie, 32- and
+# 64-bit), so that is what we install, with the python3-gpiozero built for it,
+# and the venv is created with --system-site-packages so that it imports them.
+# Packages pip installs into the venv still come first.
 install_lgpio() {
-    local venv=$1 pip_args=()
-    read -r -a pip_args <<< "${EDGEHOOK_PIP_ARGS:-}"
-    say "installing lgpio into the venv (gpiozero's pin factory on a Pi)"
-    if ! "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
-            --upgrade "${pip_args[@]}" lgpio; then
-        say "warning: could not pip-install lgpio into the venv (no wheel for this Python"
-        say "  and CPU; building one needs: sudo apt-get install swig liblgpio-dev)."
-        say "  apt's python3-lgpio is invisible to this venv (no system site packages)."
-        say "  Until lgpio is there, edgehook reports that no GPIO was found. Then:"
-        say "  sudo $VENV/bin/pip install lgpio && sudo systemctl restart edgehook"
-        SKIPPED+=("lgpio: pip install failed (see the warning above)")
+    if [[ -z $ROOT ]] && command -v apt-get >/dev/null; then
+        say "installing python3-lgpio and python3-gpiozero with apt"
+        if ! apt-get install -y --no-install-recommends python3-lgpio python3-gpiozero; then
+            say "warning: apt could not install python3-lgpio (it comes from the Raspberry"
+            say "  Pi OS archive; plain Debian does not have it): trying pip next"
+        fi
+    fi
+    if "$PYTHON" -c 'import lgpio' 2>/dev/null; then
+        SYSTEM_SITE=1
+        say "$PYTHON imports lgpio: the virtualenv will use the system's lgpio"
     fi
 }
 
+# After pip: lgpio from the system packages, else a PyPI wheel into the venv.
+venv_lgpio() {
+    local venv=$1 pip_args=()
+    if "$venv/bin/python" -c 'import lgpio' 2>/dev/null; then
+        say "lgpio: $("$venv/bin/python" -c 'import lgpio; print(lgpio.__file__)')"
+        return
+    fi
+    read -r -a pip_args <<< "${EDGEHOOK_PIP_ARGS:-}"
+    say "installing lgpio into the venv with pip"
+    if ! "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
+            --only-binary lgpio "${pip_args[@]}" lgpio; then
+        say "warning: no lgpio for this Python: apt has no python3-lgpio here and PyPI"
+        say "  has no wheel for this Python and CPU. Until lgpio is there, edgehook"
+        say "  reports that no GPIO was found. On Raspberry Pi OS:"
+        say "  sudo apt-get install python3-lgpio && sudo $0"
+        SKIPPED+=("lgpio: neither apt nor pip had it (see the warning above)")
+    fi
+}
+
+# `edgehook` on PATH for admins (sudo's secure_path includes /usr/local/bin).
+# An existing file that is not our link is left alone.
+install_link() {
+    local link
+    link=$(r "$LINK")
+    if [[ -e $link && ! -L $link ]]; then
+        skip "$LINK exists and is not a link: left alone (the CLI is $VENV/bin/edgehook)"
+        return
+    fi
+    mkdir -p "$(dirname "$link")"
+    ln -sfn "$VENV/bin/edgehook" "$link"
+    say "linked $LINK -> $VENV/bin/edgehook"
+}
+
 install_config() {
-    local gid example=${EDGEHOOK_EXAMPLE_CONFIG:-$REPO/config/example.yaml}
+    local gid starter=${EDGEHOOK_STARTER_CONFIG:-$REPO/config/starter.yaml}
     gid=$(gid_of "$NAME")
     [[ -n $gid ]] || die "no $NAME group"
     install -d -m 0755 -o 0 -g 0 "$(r "$ETC")"
@@ -253,9 +303,10 @@ install_config() {
     if [[ -e $(r "$CONFIG") ]]; then
         say "keeping the existing $CONFIG"
     else
-        [[ -f $example ]] || die "no starting config: $example is missing"
-        install -m 0640 -o 0 -g "$gid" "$example" "$(r "$CONFIG")"
-        say "installed $CONFIG from $example: edit it, then 'sudo systemctl reload edgehook'"
+        [[ -f $starter ]] || die "no starting config: $starter is missing"
+        install -m 0640 -o 0 -g "$gid" "$starter" "$(r "$CONFIG")"
+        say "installed $CONFIG from $starter: it only reads the doorbell until you"
+        say "  edit it (the steps are in the file), then 'sudo systemctl restart edgehook'"
     fi
 }
 
@@ -321,7 +372,10 @@ enable_and_start() {
 do_install() {
     pick_python
     create_user
+    want_lgpio
+    if ((LGPIO)); then install_lgpio; fi
     install_venv
+    install_link
     install_config
     install_unit_files
     local checked=1
@@ -333,6 +387,8 @@ do_install() {
     fi
     enable_and_start "$checked"
     say "installed $("$(r "$VENV")/bin/edgehook" --version 2>/dev/null || echo edgehook)"
+    say "the CLI reads $CONFIG (root:$NAME 0640) and the outbox (only $NAME): run it"
+    say "  with sudo, e.g. 'sudo edgehook outbox list'"
 }
 
 do_uninstall() {
@@ -342,9 +398,12 @@ do_uninstall() {
         systemctl --root="${ROOT:-/}" --quiet disable edgehook.service 2>/dev/null || true
     fi
     rm -f "$(r "$WANTS_LINK")" "$(r "$UNIT")" "$(r "$SYSUSERS")"
+    if [[ $(readlink "$(r "$LINK")" 2>/dev/null) == "$VENV/bin/edgehook" ]]; then
+        rm -f "$(r "$LINK")"
+    fi
     rm -rf "$(r "$VENV")"
     rmdir "$(r "$PREFIX")" 2>/dev/null || true
-    say "removed the unit, $VENV and $SYSUSERS"
+    say "removed the unit, $VENV, $LINK and $SYSUSERS"
     if ((PURGE)); then
         rm -rf "$(r "$ETC")" "$(r "$STATE")" "$(r "$DROPIN_DIR")"
         say "purged $ETC (config and credentials), $STATE (outbox) and $DROPIN_DIR"

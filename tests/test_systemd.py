@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 UNIT = REPO / "systemd" / "edgehook.service"
 SYSUSERS = REPO / "systemd" / "edgehook.sysusers"
 INSTALL = REPO / "systemd" / "install.sh"
-EXAMPLE = REPO / "config" / "example.yaml"
+STARTER = REPO / "config" / "starter.yaml"
 MAX_EXPOSURE = 1.5
 # The only complaint `systemd-analyze verify` may make on a machine where
 # edgehook is not installed.
@@ -46,7 +46,7 @@ def unit_directives(text: str) -> dict[str, list[str]]:
     return out
 
 
-def test_unit_has_what_the_issue_requires() -> None:
+def test_unit_has_the_directives_edgehook_relies_on() -> None:
     d = unit_directives(UNIT.read_text())
     single = {k: v[-1] for k, v in d.items()}
     assert single["Type"] == "notify"
@@ -55,6 +55,7 @@ def test_unit_has_what_the_issue_requires() -> None:
     assert single["ExecReload"] == "/bin/kill -HUP $MAINPID"
     assert single["WatchdogSec"] == "30"
     assert single["Restart"] == "on-failure"
+    # exit 2 is a config error: restarting cannot fix it, so systemd must not loop
     assert single["RestartPreventExitStatus"] == "2"
     assert (single["User"], single["Group"], single["SupplementaryGroups"]) == (
         "edgehook", "edgehook", "gpio")
@@ -104,6 +105,21 @@ def test_systemd_analyze_security_exposure(analyze: str) -> None:
 
 # --- install.sh ----------------------------------------------------------
 
+def test_install_sh_is_valid_bash() -> None:
+    proc = subprocess.run(["bash", "-n", str(INSTALL)], capture_output=True, text=True,
+                          timeout=30)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_install_sh_passes_shellcheck() -> None:
+    shellcheck = shutil.which("shellcheck")
+    if shellcheck is None:
+        pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
+    proc = subprocess.run([shellcheck, str(INSTALL)], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
 def make_root(base: Path, *, gpio: bool) -> Path:
     """A throwaway target root with the minimal account files useradd/sysusers edit."""
     root = base / "root"
@@ -123,9 +139,11 @@ def account_line(root: Path, file: str, name: str) -> list[str] | None:
     return None
 
 
-def run_install(root: Path, *args: str, example: Path, **env: str) -> str:
+def run_install(root: Path, *args: str, **env: str) -> str:
     """Run install.sh --root ROOT; return its output, failing the test on exit != 0."""
-    full_env = {**os.environ, "EDGEHOOK_EXAMPLE_CONFIG": str(example), **env}
+    full_env = {k: v for k, v in os.environ.items()
+                if k not in ("EDGEHOOK_STARTER_CONFIG", "EDGEHOOK_LGPIO")}
+    full_env.update(env)
     proc = subprocess.run(
         ["bash", str(INSTALL), "--root", str(root), *args],
         capture_output=True, text=True, timeout=180, env=full_env)
@@ -135,33 +153,28 @@ def run_install(root: Path, *args: str, example: Path, **env: str) -> str:
 
 
 @pytest.fixture
-def install_env(tmp_path: Path) -> Path:
-    """The starting config: the repo's example, or a stand-in while it does not exist yet."""
+def can_install() -> None:
+    """Skips unless install.sh can run here (root, and a tool to create the user)."""
     if os.geteuid() != 0:
         pytest.skip("install.sh needs root (it chowns files and creates a user in the root)")
     if shutil.which("systemd-sysusers") is None and shutil.which("useradd") is None:
         pytest.skip("neither systemd-sysusers nor useradd is installed")
-    if EXAMPLE.exists():
-        return EXAMPLE
-    stand_in = tmp_path / "example.yaml"
-    stand_in.write_text("device:\n  id: install-test\n")
-    return stand_in
-
-
-def check_can_pass() -> bool:
-    """True once the real example config and the CLI exist, so `edgehook check` must pass."""
-    return EXAMPLE.exists() and (REPO / "daemon" / "edgehook" / "cli.py").exists()
 
 
 @pytest.mark.slow
-def test_install_upgrade_uninstall_purge(tmp_path: Path, install_env: Path) -> None:
+def test_install_upgrade_uninstall_purge(tmp_path: Path, can_install: None) -> None:
     root = make_root(tmp_path, gpio=True)
     artefacts_before = set((REPO / "daemon").glob("*.egg-info")) | set(REPO.glob("build"))
-    out = run_install(root, example=install_env)
+    out = run_install(root)
 
     venv = root / "opt/edgehook/venv"
     edgehook = venv / "bin" / "edgehook"
     assert edgehook.is_file() and os.access(edgehook, os.X_OK)
+    # on PATH for admins: a link to the venv's entry point, valid inside the root
+    link = root / "usr/local/bin/edgehook"
+    assert link.is_symlink() and os.readlink(link) == "/opt/edgehook/venv/bin/edgehook"
+    # no lgpio from apt under --root: the venv keeps to itself
+    assert "include-system-site-packages = false" in (venv / "pyvenv.cfg").read_text()
     unit = root / "etc/systemd/system/edgehook.service"
     sysusers = root / "usr/lib/sysusers.d/edgehook.conf"
     assert unit.read_text() == UNIT.read_text()
@@ -177,7 +190,9 @@ def test_install_upgrade_uninstall_purge(tmp_path: Path, install_env: Path) -> N
     st = config.stat()
     assert stat.S_IMODE(st.st_mode) == 0o640
     assert (st.st_uid, st.st_gid) == (0, int(group[2]))
-    assert config.read_text() == install_env.read_text()
+    # the starter (reads the doorbell, sends nothing), never the example with placeholders
+    assert config.read_text() == STARTER.read_text()
+    assert f"installed /etc/edgehook/edgehook.yaml from {STARTER}" in out
     creds = root / "etc/edgehook/credentials"
     assert stat.S_IMODE(creds.stat().st_mode) == 0o700
 
@@ -189,12 +204,10 @@ def test_install_upgrade_uninstall_purge(tmp_path: Path, install_env: Path) -> N
     after = set((REPO / "daemon").glob("*.egg-info")) | set(REPO.glob("build"))
     assert after <= artefacts_before
     wants = root / "etc/systemd/system/multi-user.target.wants/edgehook.service"
-    if check_can_pass():
-        assert "'edgehook check' failed" not in out, out
-        if shutil.which("systemctl"):
-            assert wants.is_symlink()
-    else:
-        assert not wants.exists()
+    assert "'edgehook check' failed" not in out, out
+    assert "config OK: 1 input, 0 outputs, 0 rules, 0 webhooks" in out
+    if shutil.which("systemctl"):
+        assert wants.is_symlink()
 
     # Second run: an in-place upgrade that keeps an edited config and the state.
     config.write_text(config.read_text() + "# edited by the owner\n")
@@ -202,7 +215,7 @@ def test_install_upgrade_uninstall_purge(tmp_path: Path, install_env: Path) -> N
     state = root / "var/lib/edgehook"
     state.mkdir(parents=True)
     (state / "outbox.sqlite3").write_bytes(b"pending deliveries")
-    out = run_install(root, example=install_env)
+    out = run_install(root)
     assert "keeping the existing /etc/edgehook/edgehook.yaml" in out
     assert "upgrading the virtualenv" in out
     assert config.read_text() == edited
@@ -211,25 +224,33 @@ def test_install_upgrade_uninstall_purge(tmp_path: Path, install_env: Path) -> N
     passwd = (root / "etc/passwd").read_text()
     assert passwd.count("\nedgehook:") == 1
 
-    out = run_install(root, "--uninstall", example=install_env)
+    assert link.is_symlink()
+    out = run_install(root, "--uninstall")
     assert not unit.exists() and not sysusers.exists() and not wants.exists()
     assert not venv.exists()
+    assert not link.is_symlink() and not link.exists()
     assert config.read_text() == edited
     assert (state / "outbox.sqlite3").exists()
 
-    run_install(root, "--purge", example=install_env)
+    run_install(root, "--purge")
     assert not (root / "etc/edgehook").exists()
     assert not state.exists()
 
 
 @pytest.mark.slow
 def test_install_without_gpio_group_uses_useradd_and_says_so(
-    tmp_path: Path, install_env: Path
+    tmp_path: Path, can_install: None
 ) -> None:
     if shutil.which("useradd") is None:
         pytest.skip("useradd is not installed")
     root = make_root(tmp_path, gpio=False)
-    out = run_install(root, example=install_env, EDGEHOOK_USERADD="1")
+    # An admin's own /usr/local/bin/edgehook is left alone, and the install says so.
+    own = root / "usr/local/bin/edgehook"
+    own.parent.mkdir(parents=True)
+    own.write_text("#!/bin/sh\necho mine\n")
+    out = run_install(root, EDGEHOOK_USERADD="1")
+    assert own.read_text() == "#!/bin/sh\necho mine\n"
+    assert "skipped: /usr/local/bin/edgehook exists and is not a link" in out
     assert "skipped: gpio group membership" in out
     assert account_line(root, "passwd", "edgehook") is not None
     assert account_line(root, "group", "gpio") is None, "must not invent a gpio group"
