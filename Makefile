@@ -49,8 +49,7 @@ bench-peers: $(BIN)/edgehook
 	bash bench/peers.sh
 
 schema: $(BIN)/edgehook
-	$(BIN)/edgehook schema > config/edgehook.schema.json
-	$(BIN)/edgehook schema --markdown > docs/configuration.md
+	$(BIN)/python tools/schema_export.py
 
 clean:
 	rm -rf $(VENV) state .pytest_cache .ruff_cache

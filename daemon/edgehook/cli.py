@@ -1,25 +1,55 @@
 """Command line: arguments, logging, exit codes. The only place that exits.
 
-Exit status: 0 fine, 1 a runtime failure (daemon unreachable, ...), 2 the config is
-wrong (or no GPIO was found) and nothing started.
+Exit status: 0 fine; 1 a runtime failure (daemon unreachable, a request refused);
+2 the config is wrong and nothing started: every problem is printed on stderr as
+FILE:LINE:COL, including a pin gpiozero refuses at start (the systemd unit's
+`RestartPreventExitStatus=2` keeps a bad config from restarting forever).
+
+Secrets, and the commands an admin types on the Pi:
+
+* `run` and `check` load the config strictly: every `!env` and `!file` must resolve.
+* `sim`, `outbox` and `hook` run outside the service, where its systemd credentials
+  (`!file ${CREDENTIALS_DIRECTORY}/...`) and its environment do not exist. They load
+  the config leniently: a tag that cannot be resolved is left out, and they use only
+  `http.listen`, `state_dir`, `device`, the names of inputs, webhooks and hooks, and
+  `http.api_token`.
+* The API token they send: the config's `http.api_token` when it resolves here,
+  else `$EDGEHOOK_API_TOKEN`, else none. When the daemon then answers 401, the
+  message says how to give it: `EDGEHOOK_API_TOKEN=... edgehook ...`, or
+  `sudo edgehook ...` when the token is in a file only root can read, or
+  `sudo CREDENTIALS_DIRECTORY=/run/credentials/edgehook.service edgehook ...` for a
+  systemd credential.
+* `hook NAME` signs as the hook's callers do, so it needs that hook's token or secret
+  (and only that one); the message names the tag when it cannot be read here.
+
+A config readable only by root and the edgehook group gets "run as root or a member
+of the edgehook group (sudo edgehook ...)".
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
+import shlex
 import sys
-import time
 from dataclasses import replace
 from typing import Any
 
 from . import __version__
+from .cli_client import (
+    DaemonApi,
+    Unreachable,
+    hook_command,
+    outbox_command,
+    sim_command,
+)
 from .config import Config, default_config_path, load_config
-from .errors import ConfigError, EdgehookError, NoGpioError
+from .errors import CommandError, ConfigError, EdgehookError, NoGpioError
 
 EXIT_OK, EXIT_FAIL, EXIT_CONFIG = 0, 1, 2
+CONFIG_HINT = "give one with -c FILE or set EDGEHOOK_CONFIG"
+_LENIENT = ("sim", "outbox", "hook")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -28,8 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"edgehook {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    def cmd(name: str, help_: str) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, help=help_, description=help_)
+    def cmd(name: str, help_: str, description: str | None = None) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_, description=description or help_)
         sp.add_argument("-c", "--config", default=None,
                         help="config file (default $EDGEHOOK_CONFIG, else "
                              "/etc/edgehook/edgehook.yaml)")
@@ -45,7 +75,9 @@ def _parser() -> argparse.ArgumentParser:
     sim = cmd("sim", "drive a simulated input of a running daemon")
     sim.add_argument("action", choices=["press", "release", "click", "hold"])
     sim.add_argument("input")
-    ob = cmd("outbox", "inspect the durable outbox")
+    ob = cmd("outbox", "inspect and change the durable outbox",
+             "inspect and change the durable outbox: through the running daemon's API, "
+             "or in the outbox file when no daemon runs")
     ob_sub = ob.add_subparsers(dest="outbox_command", required=True)
     # -c/-v also after the sub-subcommand (`edgehook outbox list -c FILE`)
     nested = argparse.ArgumentParser(add_help=False)
@@ -59,15 +91,25 @@ def _parser() -> argparse.ArgumentParser:
                            parents=[nested])
     rt.add_argument("id", nargs="?", type=int)
     rt.add_argument("--all-dead", action="store_true")
+    dr = ob_sub.add_parser("drop", help="delete a delivery, or every one of a target",
+                           parents=[nested])
+    dr.add_argument("id", nargs="?", type=int)
+    dr.add_argument("--target", metavar="NAME", help="every delivery to this webhook target")
     pg = ob_sub.add_parser("purge", help="delete dead deliveries", parents=[nested])
     pg.add_argument("--dead", action="store_true", default=True)
+    hk = cmd("hook", "send a test request to a hook of the running daemon",
+             "send a test request to POST /hooks/NAME of the running daemon, "
+             "authenticated as the config's hook says (Bearer token, Standard Webhooks or "
+             "GitHub signature). It needs that hook's token or secret: run it as an admin "
+             "who can read them (e.g. sudo). Exit 0 on a 2xx answer, else 1.")
+    hk.add_argument("name", metavar="NAME", help="the hook's name under hooks:")
+    hk.add_argument("--data", default="{}", metavar="JSON",
+                    help="the JSON body to send (default {})")
     rc = cmd("receive", "debug receiver: print webhooks and check their signatures")
     rc.add_argument("--port", type=int, required=True)
     rc.add_argument("--host", default="127.0.0.1")
     rc.add_argument("--secret", action="append", default=[],
                     help="signing secret to verify with (repeat for several)")
-    sc = cmd("schema", "print the config's JSON Schema")
-    sc.add_argument("--markdown", action="store_true", help="print the reference docs instead")
     return p
 
 
@@ -80,193 +122,130 @@ def _setup_logging(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _load(path: str | None) -> Config:
-    return load_config(path or default_config_path())
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `edgehook` console script."""
     args = _parser().parse_args(argv)
     _setup_logging(getattr(args, "verbose", False))
-    if args.command in ("receive", "schema"):
-        return _no_config_commands(args)
+    if args.command == "receive":
+        from .receiver import serve
+
+        return serve(args.host, args.port, args.secret)
+    path = args.config or default_config_path()
     try:
-        cfg = _load(args.config)
+        cfg = load_config(path, lenient=args.command in _LENIENT)
     except ConfigError as exc:
-        for problem in exc.problems:
-            print(problem, file=sys.stderr)
-        print(f"edgehook: {len(exc.problems)} problem(s) in the config; nothing started",
-              file=sys.stderr)
-        return EXIT_CONFIG
+        return _config_problems(args, path, exc.problems)
+    for warning in cfg.warnings:
+        print(warning, file=sys.stderr)
     try:
         if args.command == "check":
-            if args.explain:
-                from .explain import explain
-
-                print(explain(cfg))
-            print(cfg.summary())
-            return EXIT_OK
+            return _check(cfg, args.explain)
         if args.command == "run":
             return _run(cfg, args.simulate)
+        command = shlex.join(sys.argv[1:] if argv is None else argv)
+        api = DaemonApi(cfg, command)
         if args.command == "sim":
-            return _sim(cfg, args.action, args.input)
+            return sim_command(cfg, api, args.action, args.input)
         if args.command == "outbox":
-            return _outbox(cfg, args)
-    except NoGpioError as exc:
+            return outbox_command(cfg, api, args)
+        if args.command == "hook":
+            return hook_command(cfg, args.name, args.data, command)
+    except Unreachable as exc:
         print(f"edgehook: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        return EXIT_FAIL
     except EdgehookError as exc:
         print(f"edgehook: {exc}", file=sys.stderr)
         return EXIT_FAIL
     return EXIT_FAIL
 
 
-def _no_config_commands(args: argparse.Namespace) -> int:
-    if args.command == "receive":
-        from .receiver import serve
+def _config_problems(args: argparse.Namespace, path: str, problems: list[str]) -> int:
+    """Every problem on stderr, then one plain line saying what to do."""
+    if args.config is None and len(problems) == 1 and problems[0].endswith(": no such file"):
+        print(f"edgehook: no config at {path}: {CONFIG_HINT}", file=sys.stderr)
+        return EXIT_CONFIG
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    n = len(problems)
+    what = "1 problem" if n == 1 else f"{n} problems"
+    tail = "; nothing started" if args.command == "run" else ""
+    print(f"edgehook: {what} in {path}; fix {'it' if n == 1 else 'them'} and run "
+          f"`edgehook check -c {path}` again{tail}", file=sys.stderr)
+    return EXIT_CONFIG
 
-        return serve(args.host, args.port, args.secret)
-    from .schema_export import json_schema, markdown
 
-    print(markdown() if args.markdown else json.dumps(json_schema(), indent=2))
+def _check(cfg: Config, explain: bool) -> int:
+    if explain:
+        from .explain import explain as explained
+
+        print(explained(cfg))
+    n = len(cfg.warnings)
+    print(cfg.summary() + (f" ({n} warning{'s' if n != 1 else ''} on stderr)" if n else ""))
     return EXIT_OK
 
 
-def _run(cfg: Config, simulate: bool) -> int:
+def _run(cfg: Config, simulate: bool, pin_factory: Any = None) -> int:
+    """The daemon in the foreground; a pin gpiozero refuses is a config problem (2)."""
     if simulate and cfg.gpio.backend != "mock":
         cfg = replace(cfg, gpio=replace(cfg.gpio, backend="mock"))
     from .app import Daemon
 
     try:
-        daemon = Daemon(cfg)
+        daemon = Daemon(cfg, pin_factory=pin_factory)
+    except NoGpioError as exc:
+        print(f"{cfg.where('gpio', 'backend')}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     except OSError as exc:
         print(f"edgehook: cannot start: {exc}", file=sys.stderr)
         return EXIT_FAIL
     try:
         return daemon.run()
+    except CommandError as exc:
+        if not str(exc).startswith("GPIO setup failed"):
+            raise
+        _stop_quietly(daemon)
+        print(f"{_gpio_where(cfg, exc)}: {exc}", file=sys.stderr)
+        print("edgehook: gpiozero refused a pin; nothing started", file=sys.stderr)
+        return EXIT_CONFIG
     except OSError as exc:  # e.g. the HTTP port is taken
         print(f"edgehook: cannot start: {exc}", file=sys.stderr)
+        _stop_quietly(daemon)
+        return EXIT_FAIL
+
+
+def _stop_quietly(daemon: Any) -> None:
+    try:
         daemon.stop()
-        return EXIT_FAIL
+    except Exception as exc:  # half-started: what did not start cannot stop either
+        logging.getLogger(__name__).debug("stop after a failed start: %s", exc)
 
 
-def _api_call(cfg: Config, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-    import requests
+def _gpio_where(cfg: Config, exc: Exception) -> str:
+    """FILE:LINE:COL of the input or output whose pin gpiozero refused.
 
-    host = cfg.http.host
-    if host in ("0.0.0.0", "::", ""):
-        host = "127.0.0.1"
-    if ":" in host:
-        host = f"[{host}]"
-    headers = {}
-    if cfg.http.api_token:
-        headers["Authorization"] = f"Bearer {cfg.http.api_token}"
-    url = f"http://{host}:{cfg.http.port}{path}"
-    try:
-        r = requests.request(method, url, json=body, headers=headers, timeout=10)
-    except requests.RequestException as exc:
-        raise EdgehookError(f"cannot reach the daemon at {url}: {exc}") from None
-    try:
-        return r.status_code, r.json()
-    except ValueError:
-        return r.status_code, r.text
+    Found by the device the error names (`gpio.inputs.NAME`), else by a pin name in
+    gpiozero's message; else the gpio section itself.
+    """
+    path = getattr(exc, "path", None)
+    if isinstance(path, tuple) and path:
+        return cfg.where(*path, "pin")
+    text = str(exc)
+    for kind, devices in (("inputs", cfg.gpio.inputs), ("outputs", cfg.gpio.outputs)):
+        for name in devices:
+            if f"gpio.{kind}.{name}" in text:
+                return cfg.where("gpio", kind, name, "pin")
+    from .pins import canonical_pin
 
-
-def _sim(cfg: Config, action: str, name: str) -> int:
-    status, body = _api_call(cfg, "POST", f"/api/v1/inputs/{name}/simulate",
-                             {"action": action})
-    if status == 200:
-        print(f"{name}: {action}")
-        return EXIT_OK
-    detail = body.get("detail") if isinstance(body, dict) else body
-    print(f"edgehook: {status}: {detail}", file=sys.stderr)
-    return EXIT_FAIL
-
-
-def _outbox(cfg: Config, args: argparse.Namespace) -> int:
-    """List from the SQLite file (works while the daemon is down). Changes go through
-    the running daemon's API, so its senders and counters see them at once (they do
-    not poll the file); with no daemon they are made in the file, sent at next start."""
-    from pathlib import Path
-
-    from .outbox import Outbox, daemon_holds
-
-    path = Path(cfg.state_dir) / "outbox.db"
-    if not path.exists():
-        print(f"edgehook: no outbox at {path}", file=sys.stderr)
-        return EXIT_FAIL
-    if args.outbox_command == "retry" and args.id is None and not args.all_dead:
-        print("edgehook: give an ID or --all-dead", file=sys.stderr)
-        return EXIT_FAIL
-    if args.outbox_command != "list":
-        done = _outbox_via_api(cfg, args)
-        if done is not None:
-            return done
-    box = Outbox(path, exclusive=False)
-    try:
-        if args.outbox_command == "list":
-            items = box.list(args.status, args.limit)
-            if args.json:
-                print(json.dumps(items, indent=2))
-            else:
-                _print_table(items)
-            return EXIT_OK
-        if args.outbox_command == "retry":
-            now = time.time()
-            if args.all_dead:
-                print(f"{box.retry_all_dead(now)} dead deliveries queued again")
-            else:
-                if not box.retry(args.id, now):
-                    print(f"edgehook: no dead delivery with id {args.id}", file=sys.stderr)
-                    return EXIT_FAIL
-                print(f"delivery {args.id} queued again")
-        else:
-            print(f"{box.purge('dead')} dead deliveries purged")
-        if daemon_holds(path):  # a daemon runs, and its API did not answer
-            print("edgehook: the daemon's API did not answer: it picks this change up at its "
-                  "next reload (systemctl reload edgehook) or restart", file=sys.stderr)
-        return EXIT_OK
-    finally:
-        box.close()
-
-
-def _outbox_via_api(cfg: Config, args: argparse.Namespace) -> int | None:
-    """`outbox retry|purge` through the daemon's API; None when it does not answer."""
-    single = args.outbox_command == "retry" and not args.all_dead
-    if single:
-        call = ("POST", f"/api/v1/outbox/{args.id}/retry")
-    elif args.outbox_command == "retry":
-        call = ("POST", "/api/v1/outbox/retry")
-    else:
-        call = ("DELETE", "/api/v1/outbox?status=dead")
-    try:
-        status, body = _api_call(cfg, *call)
-    except EdgehookError:
-        return None  # not running (or not reachable): change the file
-    if status == 200 and isinstance(body, dict):
-        if "retried" in body:
-            print(f"{body['retried']} dead deliveries queued again")
-        elif "purged" in body:
-            print(f"{body['purged']} dead deliveries purged")
-        else:
-            print(f"delivery {args.id} queued again")
-        return EXIT_OK
-    if status == 404 and single:
-        print(f"edgehook: no dead delivery with id {args.id}", file=sys.stderr)
-        return EXIT_FAIL
-    detail = body.get("detail") if isinstance(body, dict) else body
-    print(f"edgehook: the daemon answered {status}: {detail}", file=sys.stderr)
-    return EXIT_FAIL
-
-
-def _print_table(items: list[dict[str, Any]]) -> None:
-    if not items:
-        print("(no deliveries)")
-        return
-    print(f"{'ID':>6}  {'STATUS':9} {'TARGET':16} {'ATT':>3}  {'NEXT ATTEMPT':24} LAST ERROR")
-    for it in items:
-        print(f"{it['id']:>6}  {it['status']:9} {it['target'][:16]:16} {it['attempts']:>3}  "
-              f"{(it.get('next_attempt_at') or '-'):24} {it.get('last_error') or ''}")
+    words = {w.strip("'\",.:()") for w in text.split()}
+    for kind, devices in (("outputs", cfg.gpio.outputs), ("inputs", cfg.gpio.inputs)):
+        for name, dev in devices.items():
+            try:
+                names = {str(dev.pin), canonical_pin(dev.pin)}
+            except ValueError:
+                names = {str(dev.pin)}
+            if names & words:
+                return f"{cfg.where('gpio', kind, name, 'pin')}: gpio.{kind}.{name}"
+    return cfg.where("gpio")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -20,10 +20,9 @@ from typing import Any
 import yaml
 
 from . import schema as S
-from .config import Config, redact_url
-from .schema_export import format_duration, format_size
+from .config import Config
+from .units import MASK, format_duration, format_size, redact_url
 
-MASK = "********"
 SECRET_KEYS = frozenset({"password", "secret", "token", "api_token"})
 _SECRET_NAME = re.compile(r"auth|token|secret|password|signature|api[-_]?key", re.I)
 

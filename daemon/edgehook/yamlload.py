@@ -2,8 +2,13 @@
 
 We compose (never construct) with PyYAML's SafeLoader, then walk the nodes ourselves
 so that every value keeps its FILE:LINE:COL, duplicate keys are errors, alias
-expansion is capped (a "billion laughs" file is refused), and only `!env` and `!file`
-are accepted as custom tags.
+expansion is capped (a "billion laughs" file is refused), nesting is capped (a file
+of 500 nested lists is refused with its position instead of overflowing the stack),
+and only `!env` and `!file` are accepted as custom tags.
+
+A lenient read (for CLI commands that run outside the service and never need the
+secrets) turns a `!env`/`!file` it cannot resolve into a value marked `unresolved`
+instead of a problem.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import yaml
 
 MAX_FILE_BYTES = 1024 * 1024
 MAX_NODES = 100_000  # nodes visited while walking, aliases counted each time they expand
+MAX_DEPTH = 50  # nested mappings/lists; real configs use fewer than 10
+PERMISSION_HINT = "run as root or a member of the edgehook group (sudo edgehook ...)"
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$([A-Za-z_][A-Za-z0-9_]*)")
 
 
@@ -41,6 +48,7 @@ class Located:
     mark: Mark
     secret: bool = False  # came from !env or !file: mask it when printed
     keys: dict[str, Mark] | None = None  # for mappings: where each key was written
+    unresolved: str | None = None  # lenient reads: the tag that could not be resolved
 
 
 class YamlProblems(Exception):
@@ -52,10 +60,12 @@ class YamlProblems(Exception):
 
 
 class _Walker:
-    def __init__(self, filename: str, environ: dict[str, str], base: Path) -> None:
+    def __init__(self, filename: str, environ: dict[str, str], base: Path,
+                 lenient: bool = False) -> None:
         self.filename = filename
         self.environ = environ
         self.base = base
+        self.lenient = lenient
         self.problems: list[str] = []
         self.count = 0
         self._scalar = yaml.SafeLoader("")  # only used for its scalar constructors
@@ -67,23 +77,32 @@ class _Walker:
     def error(self, node: yaml.Node, msg: str) -> None:
         self.problems.append(f"{self.mark(node)}: {msg}")
 
-    def walk(self, node: yaml.Node) -> Located:
+    def unresolvable(self, node: yaml.Node, mark: Mark, msg: str, what: str) -> Located:
+        """A tag that cannot be resolved: a problem, or in a lenient read a marked value."""
+        if self.lenient:
+            return Located(None, mark, secret=True, unresolved=what)
+        self.error(node, msg)
+        return Located(None, mark)
+
+    def walk(self, node: yaml.Node, depth: int = 0) -> Located:
         self.count += 1
         if self.count > MAX_NODES:
             raise YamlProblems([f"{self.mark(node)}: too many YAML nodes (more than {MAX_NODES} "
                                 "after expanding aliases); refusing to read further"])
         mark = self.mark(node)
+        if depth > MAX_DEPTH:
+            raise YamlProblems([_too_deep_message(mark)])
         if isinstance(node, yaml.MappingNode):
-            return self._mapping(node, mark)
+            return self._mapping(node, mark, depth)
         if isinstance(node, yaml.SequenceNode):
             if node.tag != "tag:yaml.org,2002:seq":
                 self.error(node, f"unsupported tag {node.tag!r} (only !env and !file are "
                                  "allowed)")
                 return Located(None, mark)
-            return Located([self.walk(item) for item in node.value], mark)
+            return Located([self.walk(item, depth + 1) for item in node.value], mark)
         return self._scalar_node(node, mark)
 
-    def _mapping(self, node: yaml.MappingNode, mark: Mark) -> Located:
+    def _mapping(self, node: yaml.MappingNode, mark: Mark, depth: int) -> Located:
         if node.tag != "tag:yaml.org,2002:map":
             self.error(node, f"unsupported tag {node.tag!r} (only !env and !file are "
                              "allowed)")
@@ -94,7 +113,7 @@ class _Walker:
             if key_node.tag == "tag:yaml.org,2002:merge":
                 self.error(key_node, "merge keys (<<) are not supported; repeat the keys")
                 continue
-            key = self.walk(key_node)
+            key = self.walk(key_node, depth + 1)
             if isinstance(key.value, (dict, list)) or key.value is None:
                 self.error(key_node, "a mapping key must be a plain value")
                 continue
@@ -104,7 +123,7 @@ class _Walker:
                                      f"{keys[name].mark.line})")
                 continue
             keys[name] = key
-            out[name] = self.walk(value_node)
+            out[name] = self.walk(value_node, depth + 1)
         return Located(out, mark, keys={k: v.mark for k, v in keys.items()})
 
     def _scalar_node(self, node: yaml.ScalarNode, mark: Mark) -> Located:
@@ -134,9 +153,9 @@ class _Walker:
             return Located(self.environ[name], mark, secret=True)
         if len(parts) == 2:
             return Located(parts[1], mark, secret=True)
-        self.error(node, f"environment variable {name} is not set (write !env {name} DEFAULT "
-                         "to give a default)")
-        return Located(None, mark)
+        return self.unresolvable(node, mark, f"environment variable {name} is not set (write "
+                                             f"!env {name} DEFAULT to give a default)",
+                                 f"!env {name} (not set here)")
 
     def _file(self, node: yaml.ScalarNode, mark: Mark) -> Located:
         raw = str(node.value).strip()
@@ -151,8 +170,9 @@ class _Walker:
 
         expanded = _VAR.sub(sub, raw)
         if missing:
-            self.error(node, f"!file {raw}: environment variable {missing[0]} is not set")
-            return Located(None, mark)
+            return self.unresolvable(node, mark, f"!file {raw}: environment variable "
+                                                 f"{missing[0]} is not set",
+                                     f"!file {raw} ({missing[0]} is not set here)")
         path = Path(expanded)
         if not path.is_absolute():
             path = self.base / path
@@ -163,8 +183,8 @@ class _Walker:
             return Located(path.read_text(encoding="utf-8").strip(), mark, secret=True)
         except (OSError, UnicodeDecodeError) as exc:
             reason = getattr(exc, "strerror", None) or str(exc)
-            self.error(node, f"!file {path}: cannot read ({reason})")
-            return Located(None, mark)
+            return self.unresolvable(node, mark, f"!file {path}: cannot read ({reason})",
+                                     f"!file {path} ({reason})")
 
 
 def _yaml_bool(node: yaml.Node) -> str:
@@ -176,8 +196,8 @@ class _Loader(yaml.SafeLoader):
     """SafeLoader that lets our own tags through to the node tree untouched."""
 
 
-def read_yaml(path: str | os.PathLike[str],
-              environ: dict[str, str] | None = None) -> tuple[Located, list[str]]:
+def read_yaml(path: str | os.PathLike[str], environ: dict[str, str] | None = None, *,
+              lenient: bool = False) -> tuple[Located, list[str]]:
     """Read a config file into Located values plus the problems found on the way.
 
     Raises YamlProblems only when nothing useful could be read (no file, bad syntax).
@@ -192,13 +212,22 @@ def read_yaml(path: str | os.PathLike[str],
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise YamlProblems([f"{name}:1:1: no such file"]) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise YamlProblems([f"{name}:1:1: cannot read ({exc})"]) from None
-    return parse_yaml(text, name, environ, base=p.parent)
+    except PermissionError:
+        raise YamlProblems([f"{name}:1:1: permission denied: the config is readable only "
+                            f"by root and the edgehook group; {PERMISSION_HINT}"]) from None
+    except IsADirectoryError:
+        raise YamlProblems([f"{name}:1:1: is a directory, not a config file"]) from None
+    except UnicodeDecodeError as exc:
+        raise YamlProblems([f"{name}:1:1: not UTF-8 text ({exc.reason} at byte "
+                            f"{exc.start})"]) from None
+    except OSError as exc:
+        raise YamlProblems([f"{name}:1:1: cannot read ({exc.strerror or exc})"]) from None
+    return parse_yaml(text, name, environ, base=p.parent, lenient=lenient)
 
 
 def parse_yaml(text: str, name: str = "<string>", environ: dict[str, str] | None = None,
-               base: Path | None = None) -> tuple[Located, list[str]]:
+               base: Path | None = None, *, lenient: bool = False,
+               ) -> tuple[Located, list[str]]:
     """Parse YAML text into Located values plus problems (bad tags, unset variables...)."""
     try:
         root = yaml.compose(text, Loader=_Loader)
@@ -208,8 +237,33 @@ def parse_yaml(text: str, name: str = "<string>", environ: dict[str, str] | None
         raise YamlProblems([f"{where}: YAML syntax error: {exc.problem or exc.context}"]) from None
     except yaml.YAMLError as exc:
         raise YamlProblems([f"{name}:1:1: YAML error: {exc}"]) from None
+    except RecursionError:  # PyYAML's composer recurses once per nesting level
+        raise YamlProblems([_too_deep_message(_deepest(text, name))]) from None
     if root is None:
-        return Located({}, Mark(name, 1, 1)), []
+        raise YamlProblems([f"{name}:1:1: the file is empty (it holds no settings; "
+                            "config/example.yaml shows every key)"])
     walker = _Walker(name, dict(os.environ if environ is None else environ),
-                     base or Path.cwd())
+                     base or Path.cwd(), lenient)
     return walker.walk(root), walker.problems
+
+
+def _too_deep_message(mark: Mark) -> str:
+    return (f"{mark}: nested more than {MAX_DEPTH} levels deep; a config never needs that "
+            "many, so the file is refused")
+
+
+def _deepest(text: str, name: str) -> Mark:
+    """Where nesting first goes past MAX_DEPTH, found with PyYAML's parser (no recursion)."""
+    depth = 0
+    try:
+        for event in yaml.parse(text, Loader=_Loader):
+            if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+                depth += 1
+                if depth > MAX_DEPTH + 1:
+                    m = event.start_mark
+                    return Mark(name, m.line + 1, m.column + 1)
+            elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+                depth -= 1
+    except yaml.YAMLError:
+        pass
+    return Mark(name, 1, 1)
