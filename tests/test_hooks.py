@@ -17,6 +17,7 @@ from edgehook.hooks import (
     TokenBucket,
     check_auth,
     client_allowed,
+    forwarded_client,
     parse_body,
     parse_client,
     safe_headers,
@@ -43,6 +44,40 @@ NETS = [ipaddress.ip_network(n) for n in ("192.168.1.0/24", "fd00::/8", "127.0.0
 ])
 def test_client_allowed(addr: str, nets: list, ok: bool) -> None:
     assert client_allowed(addr, nets) is ok
+
+
+PROXIES = (ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("172.16.0.0/12"),
+           ipaddress.ip_network("fd00::/8"))
+
+
+@pytest.mark.parametrize("peer, forwarded, trusted, want", [
+    ("127.0.0.1", ["10.1.2.3"], (), ("127.0.0.1", False)),            # nothing trusted
+    ("127.0.0.1", None, PROXIES, ("127.0.0.1", False)),               # no header
+    ("192.0.2.1", ["10.1.2.3"], PROXIES, ("192.0.2.1", False)),       # peer not a proxy
+    ("127.0.0.1", ["10.1.2.3"], PROXIES, ("10.1.2.3", False)),
+    ("::ffff:127.0.0.1", ["10.1.2.3"], PROXIES, ("10.1.2.3", False)),  # dual-stack peer
+    ("127.0.0.1", ["6.6.6.6, 10.1.2.3"], PROXIES, ("10.1.2.3", False)),  # forged left part
+    ("127.0.0.1", ["6.6.6.6", "10.1.2.3, 172.16.9.9"], PROXIES, ("10.1.2.3", False)),
+    ("127.0.0.1", ["172.16.0.1, 172.16.0.2"], PROXIES, ("172.16.0.1", False)),  # all trusted
+    ("127.0.0.1", ["10.1.2.3:5000"], PROXIES, ("10.1.2.3", False)),
+    ("127.0.0.1", ["[2001:db8::7]:443"], PROXIES, ("2001:db8::7", False)),
+    ("127.0.0.1", ["2001:db8::7, fd00::2"], PROXIES, ("2001:db8::7", False)),
+    ("127.0.0.1", ["::ffff:10.1.2.3"], PROXIES, ("10.1.2.3", False)),
+    ("127.0.0.1", ["unknown"], PROXIES, ("127.0.0.1", True)),
+    ("127.0.0.1", ["10.1.2.3, "], PROXIES, ("127.0.0.1", True)),
+    ("127.0.0.1", ["[2001:db8::7"], PROXIES, ("127.0.0.1", True)),
+    ("127.0.0.1", ["6.6.6.6, 10.1.2.3:x"], PROXIES, ("127.0.0.1", True)),
+])
+def test_forwarded_client(peer: str, forwarded: list[str] | None, trusted: tuple,
+                          want: tuple[str, bool]) -> None:
+    assert forwarded_client(peer, forwarded, trusted) == want
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.text(max_size=60), max_size=4))
+def test_forwarded_client_never_raises(values: list[str]) -> None:
+    client, _ = forwarded_client("127.0.0.1", values, PROXIES)
+    assert client == "127.0.0.1" or parse_client(client) is not None
 
 
 def test_parse_client_maps_ipv4() -> None:

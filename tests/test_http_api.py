@@ -867,3 +867,238 @@ def test_status_page_login_cookie(daemon: Daemon) -> None:
     assert expired.status_code == 401
     out = s.post(url + "/logout", timeout=5, allow_redirects=False)
     assert out.status_code == 303 and "Max-Age=0" in out.headers["Set-Cookie"]
+
+
+# ---------------------------------------------------------------------- trusted proxies
+def _proxy_server(stub: _Stub, trusted: tuple[str, ...]) -> HttpServer:
+    import ipaddress
+
+    hooks = {"lan": HookConfig("lan", HookAuth("none"),
+                               allow_from=(ipaddress.ip_network("10.0.0.0/8"),)),
+             "open": HookConfig("open", HookAuth("none"))}
+    api = Api(stub, hooks=hooks,
+              trusted_proxies=tuple(ipaddress.ip_network(n) for n in trusted))
+    srv = HttpServer("127.0.0.1", 0, api, timeout=3.0)
+    srv.start()
+    return srv
+
+
+def _post_via(srv: HttpServer, hook: str, forwarded: list[str]) -> tuple[int, bytes]:
+    """POST to a hook with these X-Forwarded-For headers (one header line each)."""
+    lines = [f"POST /hooks/{hook} HTTP/1.1", "Host: x", "Content-Length: 0",
+             "Connection: close", *(f"X-Forwarded-For: {v}" for v in forwarded)]
+    resp = raw(srv.address, ("\r\n".join(lines) + "\r\n\r\n").encode())
+    return status_of(resp), resp
+
+
+@pytest.mark.parametrize("trusted, forwarded, status, remote", [
+    # no trusted proxies: the header is ignored, whatever it claims
+    ((), ["10.1.2.3"], 403, "127.0.0.1"),
+    # the peer is a trusted proxy: the address it forwarded is the client
+    (("127.0.0.1/32",), ["10.1.2.3"], 202, "10.1.2.3"),
+    (("127.0.0.1/32",), ["10.1.2.3:51234"], 202, "10.1.2.3"),
+    # a client that forges the header itself is on its left: never reached
+    (("127.0.0.1/32",), ["10.9.9.9, 192.0.2.7"], 403, "192.0.2.7"),
+    (("127.0.0.1/32",), ["10.9.9.9", "192.0.2.7"], 403, "192.0.2.7"),  # two header lines
+    # two trusted proxies in a row: walked past both
+    (("127.0.0.1/32", "172.16.0.0/12"), ["10.1.2.3, 172.16.0.5"], 202, "10.1.2.3"),
+    (("127.0.0.1/32",), ["10.1.2.3, 172.16.0.5"], 403, "172.16.0.5"),
+    # a peer outside the trusted networks is not believed
+    (("192.168.0.0/16",), ["10.1.2.3"], 403, "127.0.0.1"),
+    # a malformed entry: the peer is the client
+    (("127.0.0.1/32",), ["10.1.2.3, not-an-address"], 403, "127.0.0.1"),
+    (("127.0.0.1/32",), ["[fd00::1]:443"], 202, "fd00::1"),
+])
+def test_trusted_proxy_forwarded_client(trusted: tuple[str, ...], forwarded: list[str],
+                                        status: int, remote: str) -> None:
+    """allow_from judges the forwarded client only behind a trusted proxy; the event's
+    remote is the same address."""
+    stub = _Stub()
+    srv = _proxy_server(stub, trusted)
+    try:
+        code, resp = _post_via(srv, "lan", forwarded)
+        if remote == "fd00::1":  # not in 10/8 but allowed by the open hook
+            code, resp = _post_via(srv, "open", forwarded)
+        assert code == status, resp
+        code, resp = _post_via(srv, "open", forwarded)
+        assert code == 202, resp
+        assert stub.events[-1].data["remote"] == remote
+    finally:
+        srv.stop()
+
+
+def test_malformed_forwarded_header_is_logged_once_and_refusals_name_the_client(
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="edgehook")
+    srv = _proxy_server(_Stub(), ("127.0.0.1/32",))
+    try:
+        assert _post_via(srv, "lan", ["192.0.2.44"])[0] == 403
+        assert any("lan" in r.getMessage() and "192.0.2.44" in r.getMessage()
+                   for r in caplog.records if r.name == "edgehook.api")
+        for _ in range(3):
+            assert _post_via(srv, "lan", ["garbage"])[0] == 403
+        malformed = [r for r in caplog.records if "X-Forwarded-For" in r.getMessage()]
+        assert len(malformed) == 1 and "127.0.0.1" in malformed[0].getMessage()
+    finally:
+        srv.stop()
+
+
+# ---------------------------------------------------------------------- durability
+STORE_CONFIG = """\
+device: {{id: store, name: Store box}}
+state_dir: {state}
+gpio:
+  backend: mock
+  outputs:
+    lamp: {{pin: GPIO27, class: light}}
+http:
+  listen: 127.0.0.1:{port}
+  api_token: {token}
+hooks:
+  note: {{auth: none, rate_limit: {{requests: 1000, per: 1s}}}}
+  lamp: {{auth: none, respond: sync, rate_limit: {{requests: 1000, per: 1s}}}}
+  lost: {{auth: none, rate_limit: {{requests: 1000, per: 1s}}}}
+webhooks:
+  sink: {{url: "{sink}/in", retry: {{max_attempts: 1}}}}
+{gone}rules:
+  - when: {{hook: note}}
+    do: [{{webhook: sink}}]
+  - when: {{hook: lamp}}
+    do: [{{output: lamp, set: "on"}}, {{webhook: sink}}]
+{lost_rule}"""
+GONE_TARGET = '  gone: {url: "http://127.0.0.1:9/x", timeout: 1s, retry: {max_attempts: 1}}\n'
+LOST_RULE = "  - when: {hook: lost}\n    do: [{webhook: gone}]\n"
+
+
+def _store_config(path: Path, port: int, sink: str, with_gone: bool = True) -> Path:
+    path.write_text(STORE_CONFIG.format(
+        state=path.parent / "state", port=port, token=API_TOKEN, sink=sink,
+        gone=GONE_TARGET if with_gone else "", lost_rule=LOST_RULE if with_gone else ""))
+    return path
+
+
+@pytest.fixture()
+def store_daemon(tmp_path: Path) -> Iterator[tuple[Daemon, Any, Path]]:
+    """A daemon whose hooks write webhooks to a real receiver (and to a dead end)."""
+    from receiver import Receiver
+
+    with Receiver() as sink:
+        path = _store_config(tmp_path / "edgehook.yaml", free_port(), sink.url)
+        d = Daemon(load_config(path))
+        d.start()
+        try:
+            yield d, sink, path
+        finally:
+            d.stop()
+
+
+def _outbox_rows(d: Daemon, status: str | None = None) -> list[dict[str, Any]]:
+    url = base(d) + "/api/v1/outbox" + (f"?status={status}" if status else "")
+    r = requests.get(url, headers=AUTH, timeout=5)
+    assert r.status_code == 200, r.text
+    return r.json()["items"]
+
+
+def _wait_row(d: Daemon, event_id: str, status: str, timeout: float = 10.0
+              ) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = [r for r in _outbox_rows(d) if r["event_id"] == event_id]
+        if rows and rows[0]["status"] == status:
+            return rows[0]
+        assert time.monotonic() < deadline, rows
+        time.sleep(0.05)
+
+
+def test_hook_202_means_its_webhook_is_stored(store_daemon: tuple[Daemon, Any, Path]) -> None:
+    d, sink, _ = store_daemon
+    for _ in range(5):
+        r = requests.post(base(d) + "/hooks/note", json={"n": 1}, timeout=10)
+        assert r.status_code == 202, r.text
+        # at the moment of the 202 the row is in the file, read by another connection
+        rows = [row for row in _outbox_rows(d) if row["event_id"] == r.json()["event_id"]]
+        assert [row["target"] for row in rows] == ["sink"]
+    sink.wait_for(5)
+
+
+def test_hook_not_stored_is_503_storage_unavailable_and_outputs_still_switch(
+        store_daemon: tuple[Daemon, Any, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A disk the outbox will not fill any further: both hook kinds answer 503 with
+    Retry-After 30; the sync hook's output has switched all the same."""
+    import edgehook.outbox
+
+    d, _, _ = store_daemon
+    monkeypatch.setattr(edgehook.outbox, "MIN_FREE_BYTES", 1 << 60)  # "disk nearly full"
+    r = requests.post(base(d) + "/hooks/note", json={}, timeout=10)
+    assert r.status_code == 503, r.text
+    assert r.json()["error"] == "storage_unavailable" and r.headers["Retry-After"] == "30"
+    assert "disk nearly full" in r.json()["detail"]
+    assert not [row for row in _outbox_rows(d) if row["event_id"] == r.json()["event_id"]]
+    r = requests.post(base(d) + "/hooks/lamp", json={}, timeout=10)
+    assert r.status_code == 503 and r.json()["error"] == "storage_unavailable", r.text
+    assert d.gpio.output_states()["lamp"]["state"] == "on"
+    monkeypatch.undo()
+    assert requests.post(base(d) + "/hooks/note", json={}, timeout=10).status_code == 202
+
+
+def test_hook_not_stored_in_time_is_503_busy(store_daemon: tuple[Daemon, Any, Path],
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another process holds the outbox's write lock longer than the hook may wait:
+    503 busy with Retry-After 5 for both kinds; the event is stored once the lock goes."""
+    import sqlite3
+
+    import edgehook.api
+
+    d, _, _ = store_daemon
+    monkeypatch.setattr(edgehook.api, "SYNC_WAIT", 0.3)
+    db = sqlite3.connect(d.outbox.path, timeout=5, isolation_level=None)
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        answers = [requests.post(base(d) + f"/hooks/{h}", json={}, timeout=10)
+                   for h in ("note", "lamp")]
+        for r in answers:
+            assert r.status_code == 503, r.text
+            assert r.json()["error"] == "busy" and r.headers["Retry-After"] == "5"
+    finally:
+        db.execute("ROLLBACK")
+        db.close()
+    for r in answers:  # not acknowledged, but not lost either
+        _wait_row(d, r.json()["event_id"], "delivered")
+
+
+# ---------------------------------------------------------------------- outbox endpoints
+def test_outbox_retry_drop_and_drop_target(store_daemon: tuple[Daemon, Any, Path]) -> None:
+    d, sink, path = store_daemon
+    url = base(d) + "/api/v1/outbox"
+    lost = [requests.post(base(d) + "/hooks/lost", json={}, timeout=10).json()["event_id"]
+            for _ in range(3)]
+    dead = [_wait_row(d, e, "dead")["id"] for e in lost]
+    r = requests.post(f"{url}/{dead[0]}/retry", headers=AUTH, timeout=5)
+    assert r.status_code == 200 and r.json() == {"id": dead[0], "status": "pending"}
+    _wait_row(d, lost[0], "dead")
+    r = requests.delete(f"{url}/{dead[0]}", headers=AUTH, timeout=5)
+    assert r.status_code == 200 and r.json() == {"dropped": 1, "id": dead[0]}
+    r = requests.delete(f"{url}/{dead[0]}", headers=AUTH, timeout=5)
+    assert r.status_code == 404 and r.json()["error"] == "not_found"
+    assert requests.post(f"{url}/{dead[0]}/retry", headers=AUTH, timeout=5).status_code == 404
+
+    delivered = requests.post(base(d) + "/hooks/note", json={}, timeout=10).json()["event_id"]
+    row = _wait_row(d, delivered, "delivered")
+    r = requests.post(f"{url}/{row['id']}/retry", headers=AUTH, timeout=5)
+    assert r.status_code == 409 and r.json()["error"] == "already_delivered", r.text
+
+    _store_config(path, d.http.address[1], sink.url, with_gone=False)
+    d.reload()
+    assert "gone" not in d.cfg.webhooks
+    r = requests.post(f"{url}/{dead[1]}/retry", headers=AUTH, timeout=5)
+    assert r.status_code == 409, r.text
+    assert r.json() == {"error": "target_gone", "detail": "target gone is not in the config; "
+                        "fix the config or drop the row"}
+    r = requests.delete(url, params={"target": "gone"}, headers=AUTH, timeout=5)
+    assert r.status_code == 200 and r.json() == {"dropped": 2, "target": "gone"}
+    assert not [row for row in _outbox_rows(d) if row["target"] == "gone"]
+    r = requests.delete(url, params={"target": "gone", "status": "dead"}, headers=AUTH,
+                        timeout=5)
+    assert r.status_code == 400
+    r = requests.delete(url, params={"target": "gone"}, timeout=5)
+    assert r.status_code == 401

@@ -124,13 +124,18 @@ def forwarded_client(peer: str, forwarded: Sequence[str] | None,
 
 def _forwarded_address(entry: str) -> str | None:
     """`192.0.2.1`, `192.0.2.1:4711`, `2001:db8::1` or `[2001:db8::1]:4711` -> the address."""
+    host, port = entry, None
     if entry.startswith("["):
-        entry, sep, _ = entry[1:].partition("]")
-        if not sep:
+        host, sep, rest = entry[1:].partition("]")
+        if not sep or rest[:1] not in ("", ":"):
             return None
+        if rest:
+            port = rest[1:]
     elif entry.count(":") == 1:
-        entry = entry.partition(":")[0]
-    ip = parse_client(entry) if entry else None
+        host, _, port = entry.partition(":")
+    if port is not None and not (port.isascii() and port.isdigit()):
+        return None
+    ip = parse_client(host) if host else None
     return str(ip) if ip is not None else None
 
 
