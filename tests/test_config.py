@@ -359,3 +359,154 @@ def test_url_credentials_are_accepted_and_never_printed(tmp_path: Path) -> None:
     found = problems(tmp_path, 'webhooks:\n  w: {url: "https://alice:pa55word-xyz@"}\n')
     assert found and all("pa55word-xyz" not in p for p in found), found
     assert "is not an http(s) URL" in found[0]
+
+
+# --------------------------------------------------------------------------- what run refuses
+
+@pytest.mark.parametrize("pin,canonical", [
+    (17, "GPIO17"), ("17", "GPIO17"), ("GPIO17", "GPIO17"), ("BCM17", "GPIO17"),
+    ("BOARD11", "GPIO17"), ("J8:11", "GPIO17"), ("WPI0", "GPIO17"), (2, "GPIO2"),
+    ("GPIO27", "GPIO27")])
+def test_pin_names_gpiozero_reads(pin: object, canonical: str) -> None:
+    from edgehook.pins import canonical_pin
+
+    assert canonical_pin(pin) == canonical
+
+
+@pytest.mark.parametrize("pin,message", [
+    ("seventeen", "is not a pin name gpiozero reads"),
+    ("GPIO99", "GPIO99 is not on the 40-pin header (GPIO0 to GPIO27)"),
+    (99, "99 is not a GPIO number of the 40-pin header"),
+    ("GPIO 17", "(did you mean 'GPIO17'?)"), ("gpio17", "(did you mean 'GPIO17'?)"),
+    ("pin11", "(did you mean 'BOARD11' (physical pin 11, GPIO17)?)"),
+    ("BOARD1", "physical pin 1, which is 3V3, not a GPIO"),
+    ("J8:39", "physical pin 39, which is GND, not a GPIO")])
+def test_pin_names_gpiozero_refuses(pin: object, message: str) -> None:
+    from edgehook.pins import canonical_pin
+
+    with pytest.raises(ValueError) as exc:
+        canonical_pin(pin)
+    assert message in str(exc.value)
+
+
+def test_pins_are_checked_against_gpiozero_itself() -> None:
+    """Every name our check accepts, gpiozero's own board data resolves to the same pin."""
+    from gpiozero.pins.pi import PiBoardInfo
+
+    from edgehook.pins import BOARD_REVISION, canonical_pin
+
+    board = PiBoardInfo.from_revision(BOARD_REVISION)
+    for name in [*range(28), "GPIO4", "BCM4", "BOARD7", "J8:7", "WPI7", "BOARD40"]:
+        assert canonical_pin(name) == board.to_gpio(name)
+
+
+def test_duplicate_rule_names_name_both_lines(tmp_path: Path) -> None:
+    found = problems(tmp_path, """\
+        gpio: {inputs: {b: {pin: 17}}, outputs: {o: {pin: 27}}}
+        rules:
+          - name: ring
+            when: {input: b}
+            do: [{output: o, set: on}]
+          - name: ring
+            when: {input: b, event: released}
+            do: [{output: o, set: off}]
+        """)
+    assert found == [f"{tmp_path / 'c.yaml'}:6:11: rules[1].name: 'ring' is already the name "
+                     "of rules[0] (line 3)"]
+
+
+@pytest.mark.parametrize("text", ["", "   \n", "# comments only\n# nothing else\n"])
+def test_empty_file_is_an_error(tmp_path: Path, text: str) -> None:
+    assert problems(tmp_path, text) == [f"{tmp_path / 'c.yaml'}:1:1: the file is empty (it "
+                                        "holds no settings; config/example.yaml shows every "
+                                        "key)"]
+
+
+@pytest.mark.parametrize("depth", [60, 300, 500, 3000])
+def test_deep_nesting_is_a_config_error(tmp_path: Path, depth: int) -> None:
+    """Below PyYAML's recursion limit our walker refuses it; above, the composer's
+    RecursionError is turned into the same message, at the same place."""
+    found = problems(tmp_path, "rules:\n  - " + "[" * depth + "]" * depth + "\n")
+    assert len(found) == 1
+    assert found[0].startswith(f"{tmp_path / 'c.yaml'}:2:"), found
+    assert "nested more than 50 levels deep" in found[0]
+
+
+@pytest.mark.parametrize("data", [
+    b"\xff\xfe\x00garbage", b"a: \x00\n", b"key: [1, 2\n", b"- a\n- b\n", b"a: *nope\n",
+    b"? [a, b]\n: c\n", b"{" * 20000, b"gpio: !!binary aGVsbG8=\n", b"&a [*a]\n"])
+def test_load_config_raises_config_error_and_nothing_else(tmp_path: Path,
+                                                          data: bytes) -> None:
+    """What a SIGHUP reload calls: any file is either a Config or a ConfigError."""
+    p = tmp_path / "c.yaml"
+    p.write_bytes(data)
+    with pytest.raises(ConfigError) as exc:
+        load_config(p, environ={})
+    assert exc.value.problems and all(
+        re.match(rf"^{re.escape(str(p))}:\d+:\d+: ", x) for x in exc.value.problems)
+
+
+def test_placeholders_are_warnings_with_their_place(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, """\
+        mqtt: {host: localhost, password: !env MQTT_PASSWORD change-me-mqtt}
+        webhooks:
+          w: {url: "https://hooks.example.com/changeme", headers: {X-Key: CHANGE-ME}}
+        hooks:
+          h: {auth: {token: change_me}}
+        rules:
+          - when: {hook: h}
+            do: [{webhook: w, body: {text: "please change me"}}]
+        """), environ={})
+    path = tmp_path / "c.yaml"
+    assert [w.split(": warning: ")[0] for w in cfg.warnings] == [
+        f"{path}:1:35", f"{path}:3:12", f"{path}:3:67", f"{path}:5:21"]
+    assert all("mqtt" not in w.split("warning: ")[1] or "change-me-mqtt" not in w
+               for w in cfg.warnings), "the value itself is not repeated"
+    assert load_config(write(tmp_path, BASE), environ={}).warnings == ()
+
+
+def test_lenient_load_leaves_out_what_it_cannot_read(tmp_path: Path) -> None:
+    text = """\
+        state_dir: /var/lib/edgehook
+        http:
+          listen: 127.0.0.1:8099
+          api_token: !file ${CREDENTIALS_DIRECTORY}/api_token
+        mqtt: {host: !env BROKER, port: !env BROKER_PORT}
+        webhooks:
+          w:
+            url: !env ONLY_THE_SERVICE
+            signing: {scheme: standard, secret: !file /nonexistent/secret}
+        hooks:
+          h: {auth: {token: !env HOOK_TOKEN}}
+        rules:
+          - when: {hook: h}
+            do: [{webhook: w}]
+        """
+    strict = problems(tmp_path, text)
+    assert len(strict) == 6, "a strict load needs every one, each reported once"
+    cfg = load_config(write(tmp_path, text), environ={}, lenient=True)
+    assert (cfg.http.host, cfg.http.port, cfg.state_dir) == ("127.0.0.1", 8099,
+                                                             "/var/lib/edgehook")
+    assert cfg.http.api_token is None
+    assert cfg.mqtt is not None and cfg.mqtt.port == 1883
+    assert set(cfg.webhooks) == {"w"} and set(cfg.hooks) == {"h"} and len(cfg.rules) == 1
+    assert cfg.unresolved == {
+        ("http", "api_token"): "!file ${CREDENTIALS_DIRECTORY}/api_token "
+                               "(CREDENTIALS_DIRECTORY is not set here)",
+        ("mqtt", "host"): "!env BROKER (not set here)",
+        ("mqtt", "port"): "!env BROKER_PORT (not set here)",
+        ("webhooks", "w", "url"): "!env ONLY_THE_SERVICE (not set here)",
+        ("webhooks", "w", "signing", "secret"): "!file /nonexistent/secret (No such file or "
+                                                "directory)",
+        ("hooks", "h", "auth", "token"): "!env HOOK_TOKEN (not set here)"}
+    # a real problem is still one
+    bad = text.replace("state_dir: /var/lib/edgehook", "state_dir: [x]")
+    with pytest.raises(ConfigError):
+        load_config(write(tmp_path, bad), environ={}, lenient=True)
+
+
+def test_config_where_points_at_the_value(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, BASE), environ={})
+    path = tmp_path / "c.yaml"
+    assert cfg.where("gpio", "inputs", "doorbell", "pin") == f"{path}:5:21"
+    assert cfg.where("gpio", "inputs", "doorbell", "nothing") == f"{path}:5:15"

@@ -162,10 +162,16 @@ def main(argv: list[str] | None = None) -> int:
 def _config_problems(args: argparse.Namespace, path: str, problems: list[str]) -> int:
     """Every problem on stderr, then one plain line saying what to do."""
     if args.config is None and len(problems) == 1 and problems[0].endswith(": no such file"):
-        print(f"edgehook: no config at {path}: {CONFIG_HINT}", file=sys.stderr)
+        if os.environ.get("EDGEHOOK_CONFIG"):
+            print(f"edgehook: no config at {path} (from $EDGEHOOK_CONFIG): give one with "
+                  "-c FILE or correct EDGEHOOK_CONFIG", file=sys.stderr)
+        else:
+            print(f"edgehook: no config at {path}: {CONFIG_HINT}", file=sys.stderr)
         return EXIT_CONFIG
     for problem in problems:
         print(problem, file=sys.stderr)
+    if len(problems) == 1 and "permission denied" in problems[0]:
+        return EXIT_CONFIG  # nothing to fix in the file
     n = len(problems)
     what = "1 problem" if n == 1 else f"{n} problems"
     tail = "; nothing started" if args.command == "run" else ""

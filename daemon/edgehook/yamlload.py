@@ -78,11 +78,11 @@ class _Walker:
         self.problems.append(f"{self.mark(node)}: {msg}")
 
     def unresolvable(self, node: yaml.Node, mark: Mark, msg: str, what: str) -> Located:
-        """A tag that cannot be resolved: a problem, or in a lenient read a marked value."""
-        if self.lenient:
-            return Located(None, mark, secret=True, unresolved=what)
-        self.error(node, msg)
-        return Located(None, mark)
+        """A tag that cannot be resolved: a problem (not in a lenient read), and a value
+        marked so that later passes neither use it nor report it missing again."""
+        if not self.lenient:
+            self.error(node, msg)
+        return Located(None, mark, secret=True, unresolved=what)
 
     def walk(self, node: yaml.Node, depth: int = 0) -> Located:
         self.count += 1
@@ -213,8 +213,8 @@ def read_yaml(path: str | os.PathLike[str], environ: dict[str, str] | None = Non
     except FileNotFoundError:
         raise YamlProblems([f"{name}:1:1: no such file"]) from None
     except PermissionError:
-        raise YamlProblems([f"{name}:1:1: permission denied: the config is readable only "
-                            f"by root and the edgehook group; {PERMISSION_HINT}"]) from None
+        raise YamlProblems([f"{name}:1:1: permission denied (an installed config is readable "
+                            f"only by root and the edgehook group): {PERMISSION_HINT}"]) from None
     except IsADirectoryError:
         raise YamlProblems([f"{name}:1:1: is a directory, not a config file"]) from None
     except UnicodeDecodeError as exc:
