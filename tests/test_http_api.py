@@ -426,6 +426,39 @@ def test_status_page_escapes_everything() -> None:
         resp.headers["Content-Security-Policy"]
 
 
+def test_status_page_login_cookie(daemon: Daemon) -> None:
+    """Before the fuzz tests: their POSTs to /login spend the shared sign-in attempts."""
+    url = base(daemon)
+    s = requests.Session()
+    page = s.get(url + "/", timeout=5)
+    assert page.status_code == 200 and 'action="/login"' in page.text
+    assert "porch_light" not in page.text                  # nothing before signing in
+    bad = s.post(url + "/login", data={"token": "nope"}, timeout=5, allow_redirects=False)
+    assert bad.status_code == 303 and bad.headers["Location"] == "/?login=failed"
+    assert "Wrong token." in s.get(url + "/?login=failed", timeout=5).text
+    cross = s.post(url + "/login", data={"token": API_TOKEN}, allow_redirects=False,
+                   headers={"Origin": "http://evil.example"}, timeout=5)
+    assert cross.status_code == 403                         # login CSRF refused
+    ok = s.post(url + "/login", data={"token": API_TOKEN}, timeout=5, allow_redirects=False)
+    assert ok.status_code == 303
+    cookie = ok.headers["Set-Cookie"]
+    assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and API_TOKEN not in cookie
+    assert "porch_light" in s.get(url + "/", timeout=5).text
+    assert s.get(url + "/api/v1/state", timeout=5).status_code == 200
+    evil = s.put(url + "/api/v1/outputs/fan", json={"state": "on"}, timeout=5,
+                 headers={"Origin": "http://evil.example"})
+    assert evil.status_code == 403                          # cookie + foreign origin
+    value = s.cookies["edgehook_session"]
+    forged = requests.get(url + "/api/v1/state", timeout=5, cookies={
+        "edgehook_session": value[:-1] + ("0" if value[-1] != "0" else "1")})
+    assert forged.status_code == 401
+    expired = requests.get(url + "/api/v1/state", timeout=5,
+                           cookies={"edgehook_session": "1." + value.split(".")[1]})
+    assert expired.status_code == 401
+    out = s.post(url + "/logout", timeout=5, allow_redirects=False)
+    assert out.status_code == 303 and "Max-Age=0" in out.headers["Set-Cookie"]
+
+
 # ---------------------------------------------------------------------- API
 def test_api_needs_the_token(daemon: Daemon) -> None:
     for method, path in [("GET", "/api/v1/state"), ("GET", "/api/v1/outbox"),
@@ -573,13 +606,20 @@ def test_metrics_format_pieces() -> None:
     (b"GET / HTTP/9.9\r\n\r\n", 505),
     (b"BREW /hooks/open HTTP/1.1\r\nConnection: close\r\n\r\n", 501),  # no such method
     (b"GET /healthz\r\n\r\n", 400),  # HTTP/0.9
+    (b"GET /healthz HTTP/1.1\r\nNo colon here\r\nConnection: close\r\n\r\n", 400),
+    (b"GET /healthz HTTP/1.1\r\nX-A : 1\r\nConnection: close\r\n\r\n", 400),
+    (b"GET /healthz HTTP/1.1\r\n folded: x\r\nConnection: close\r\n\r\n", 400),
+    (b"GET /healthz HTTP/1.1\r\nX-A: 1\r\n folded\r\nConnection: close\r\n\r\n", 400),
+    (b"POST /hooks/open HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 5\r\n"
+     b"Content-Type: text/plain\r\n\r\nhi", 400),  # and closed: no 408 for "hi" after it
     (b"GET http://127.0.0.1/healthz HTTP/1.1\r\nConnection: close\r\n\r\n", 200),
 ])
 def test_raw_protocol_errors(daemon: Daemon, data: bytes, status: int) -> None:
     resp = raw(daemon, data)
     assert status_of(resp) == status, resp[:300]
+    assert resp.count(b"HTTP/1.1 ") == 1 and b"\r\nServer: edgehook/" in resp
     if status != 200:
-        assert b'"error"' in resp
+        assert b'"error"' in resp and b"Connection: close" in resp
 
 
 def test_keep_alive_after_unread_body_closes(daemon: Daemon) -> None:
@@ -835,38 +875,6 @@ def test_server_still_answers_after_fuzz(daemon: Daemon) -> None:
     assert requests.get(base(daemon) + "/healthz", timeout=5).status_code == 200
     codes = {code for (_, code) in daemon.http.api.stats.requests}
     assert not codes & {"500", "502", "504"}, codes  # 501: BREW, TRACE; 505: HTTP/9.9
-
-
-def test_status_page_login_cookie(daemon: Daemon) -> None:
-    url = base(daemon)
-    s = requests.Session()
-    page = s.get(url + "/", timeout=5)
-    assert page.status_code == 200 and 'action="/login"' in page.text
-    assert "porch_light" not in page.text                  # nothing before signing in
-    bad = s.post(url + "/login", data={"token": "nope"}, timeout=5, allow_redirects=False)
-    assert bad.status_code == 303 and bad.headers["Location"] == "/?login=failed"
-    assert "Wrong token." in s.get(url + "/?login=failed", timeout=5).text
-    cross = s.post(url + "/login", data={"token": API_TOKEN}, allow_redirects=False,
-                   headers={"Origin": "http://evil.example"}, timeout=5)
-    assert cross.status_code == 403                         # login CSRF refused
-    ok = s.post(url + "/login", data={"token": API_TOKEN}, timeout=5, allow_redirects=False)
-    assert ok.status_code == 303
-    cookie = ok.headers["Set-Cookie"]
-    assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and API_TOKEN not in cookie
-    assert "porch_light" in s.get(url + "/", timeout=5).text
-    assert s.get(url + "/api/v1/state", timeout=5).status_code == 200
-    evil = s.put(url + "/api/v1/outputs/fan", json={"state": "on"}, timeout=5,
-                 headers={"Origin": "http://evil.example"})
-    assert evil.status_code == 403                          # cookie + foreign origin
-    value = s.cookies["edgehook_session"]
-    forged = requests.get(url + "/api/v1/state", timeout=5, cookies={
-        "edgehook_session": value[:-1] + ("0" if value[-1] != "0" else "1")})
-    assert forged.status_code == 401
-    expired = requests.get(url + "/api/v1/state", timeout=5,
-                           cookies={"edgehook_session": "1." + value.split(".")[1]})
-    assert expired.status_code == 401
-    out = s.post(url + "/logout", timeout=5, allow_redirects=False)
-    assert out.status_code == 303 and "Max-Age=0" in out.headers["Set-Cookie"]
 
 
 # ---------------------------------------------------------------------- trusted proxies

@@ -137,7 +137,6 @@ class _Handler(BaseHTTPRequestHandler):
     """One connection: http.server parses, :meth:`_serve` answers through the Api."""
 
     server_version = f"edgehook/{__version__}"
-    sys_version = ""
     protocol_version = "HTTP/1.1"
     default_request_version = "HTTP/1.1"  # errors get a status line even for garbage
     disable_nagle_algorithm = True        # status line and body are two writes
@@ -178,7 +177,12 @@ class _Handler(BaseHTTPRequestHandler):
         if not ok:
             return False
         if len(self.requestline.split()) != 3:
-            self.send_error(400, "send HTTP/1.0 or HTTP/1.1 requests")
+            self.send_error(400, "HTTP/0.9 requests are not served")
+            return False
+        if self.headers.defects or any("\n" in v for v in self.headers.values()):
+            # http.client keeps going after a line that is no header (and the headers
+            # after it silently become "body"), and joins folded lines: both are 400
+            self.send_error(400, "malformed header line")
             return False
         sizes = [len(k) + len(v) + 4 for k, v in self.headers.items()]
         if len(sizes) > MAX_HEADERS or sum(sizes) > MAX_HEAD_BYTES or \
@@ -226,8 +230,9 @@ class _Handler(BaseHTTPRequestHandler):
                 req.query = parse_qs(query, keep_blank_values=True, max_num_fields=200)
             req.reader = self._body_reader(api.max_body)
             resp = api.handle(req)
-        except HttpError as exc:
+        except HttpError as exc:  # a Content-Length we cannot trust: where is the next request?
             resp = error_response(exc)
+            self.close_connection = True
         except ValueError:  # parse_qs: too many fields
             resp = Response(400, {"error": "bad_request", "detail": "query too long"})
         except Exception:
@@ -242,6 +247,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _body_reader(self, max_body: int) -> Any:
         """A callable that reads the body once, within the request's deadline."""
         raw = self.headers.get("Content-Length")
+        if len({v.strip() for v in self.headers.get_all("Content-Length", [])}) > 1:
+            raise HttpError(400, "bad_request", "conflicting Content-Length headers")
         if "Transfer-Encoding" in self.headers:
             self._body_pending = True
 
@@ -302,6 +309,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.server.api.stats.count(self._kind, code)
         _LOG.debug("http %s refused: %d %s", self.client_address[0], code, message)
         self._send(Response(code, {"error": error, "detail": message or explain or ""}))
+
+    def version_string(self) -> str:
+        """The Server header: edgehook/<version>, nothing about Python."""
+        return self.server_version
 
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
         """One debug line per answer: the kind of request, never its path or query."""
