@@ -465,7 +465,8 @@ def test_api_needs_the_token(daemon: Daemon) -> None:
                          ("PUT", "/api/v1/outputs/fan"), ("GET", "/api/v1/events"),
                          ("POST", "/api/v1/inputs/doorbell/simulate"), ("GET", "/metrics"),
                          ("POST", "/api/v1/outbox/1/retry"), ("POST", "/api/v1/outbox/retry"),
-                         ("DELETE", "/api/v1/outbox?status=dead")]:
+                         ("DELETE", "/api/v1/outbox?status=dead"),
+                         ("DELETE", "/api/v1/outbox/1"), ("DELETE", "/api/v1/outbox?target=x")]:
         r = requests.request(method, base(daemon) + path, timeout=5,
                              headers={"Authorization": "Bearer wrong"})
         assert r.status_code == 401, (method, path)
@@ -495,6 +496,9 @@ API_CASES = [
     ("purge-dead", "DELETE", "/api/v1/outbox?status=dead", None, 200),
     ("purge-pending-400", "DELETE", "/api/v1/outbox?status=pending", None, 400),
     ("purge-nothing-400", "DELETE", "/api/v1/outbox", None, 400),
+    ("drop-404", "DELETE", "/api/v1/outbox/999", None, 404),
+    ("drop-target-none", "DELETE", "/api/v1/outbox?target=nobody", None, 200),
+    ("drop-target-empty-400", "DELETE", "/api/v1/outbox?target=", None, 400),
     ("unknown-404", "GET", "/api/v2/nothing", None, 404),
     ("events", "GET", "/api/v1/events?limit=5", None, 200),
     ("healthz", "GET", "/healthz", None, 200),

@@ -1,10 +1,11 @@
 """The HTTP listener: the standard library's ThreadingHTTPServer, with limits around it.
 
 http.server reads and parses every request (`handle_one_request`, `parse_request`,
-http.client's header parser); this module only overrides its documented hooks
-(`setup`, `parse_request`, `handle_expect_100`, `send_error`, `log_message`, `do_*`;
-the server's `verify_request`, `process_request`, `finish_request`, `handle_error`)
-and hands each request to the routes (`api.Api.handle`). The limits:
+http.client's header parser); this module only overrides documented hooks (the
+handler's `setup`, `finish`, `parse_request`, `handle_expect_100`, `send_error`,
+`version_string`, `log_request`, `log_message` and `do_*`; the server's
+`verify_request`, `process_request`, `finish_request`, `handle_error`) and hands
+each request to the routes (`api.Api.handle`). The limits:
 
 - **Time.** Every socket operation times out after `http.timeout` (default 5 s), and
   a request as a whole must arrive within that time from the moment the server waits
@@ -39,6 +40,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -146,20 +148,19 @@ class _Handler(BaseHTTPRequestHandler):
     def setup(self) -> None:
         self.timeout = self.server.request_timeout
         self._key = self.server.deadlines.key()
-        self._kind = "other"
         self._client = self.client_address[0]
         super().setup()
+        self._await_request()
 
-    def handle_one_request(self) -> None:
-        """Wait for one request with its deadline armed (see the module docstring)."""
+    def finish(self) -> None:
+        self.server.deadlines.disarm(self._key)
+        super().finish()
+
+    def _await_request(self) -> None:
+        """Arm the next request's deadline: all of it must be in within http.timeout."""
         self._kind = "other"
         self._deadline = time.monotonic() + self.timeout
         self.server.deadlines.arm(self._key, self.connection, self._deadline)
-        try:
-            super().handle_one_request()
-        finally:
-            if self.server.deadlines.disarm(self._key):
-                self.close_connection = True
 
     def parse_request(self) -> bool:
         """http.server's parsing, then our limits on the head; False once answered."""
@@ -244,7 +245,7 @@ class _Handler(BaseHTTPRequestHandler):
         api.stats.count(self._kind, resp.status, req.params.get("hook"))
         self._send(resp)
 
-    def _body_reader(self, max_body: int) -> Any:
+    def _body_reader(self, max_body: int) -> Callable[[], bytes]:
         """A callable that reads the body once, within the request's deadline."""
         raw = self.headers.get("Content-Length")
         if len({v.strip() for v in self.headers.get_all("Content-Length", [])}) > 1:
@@ -296,6 +297,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD" and data:
             self.wfile.write(data)
+        if not self.close_connection:
+            self._await_request()
 
     # ---------------------------------------------------------------- http.server's hooks
     def send_error(self, code: int, message: str | None = None,
