@@ -459,6 +459,24 @@ def test_status_page_login_cookie(daemon: Daemon) -> None:
     assert out.status_code == 303 and "Max-Age=0" in out.headers["Set-Cookie"]
 
 
+def test_outbox_retry_answers_for_each_backend_outcome() -> None:
+    """The backend says what became of a retry; a True/False backend still works."""
+    stub = _Stub()
+    api = Api(stub)
+    retry = lambda item: api.handle(_stub_req("POST", f"/api/v1/outbox/{item}/retry",  # noqa
+                                              {"Host": "127.0.0.1"}))
+    assert retry(7).status == 200 and retry(7).body == {"id": 7, "status": "pending"}
+    assert retry(8).status == 404
+    for outcome, status, error in [("queued", 200, None), ("missing", 404, "not_found"),
+                                   ("delivered", 409, "already_delivered"),
+                                   ("no_target", 409, "target_gone")]:
+        stub.outbox_retry = lambda item, o=outcome: o  # type: ignore[method-assign]
+        resp = retry(7)
+        assert resp.status == status and (error is None or resp.body["error"] == error)
+    assert "target t<x> is not in the config" in retry(7).body["detail"]  # from the list
+    assert "target of delivery 9 is not" in retry(9).body["detail"]      # not listed
+
+
 # ---------------------------------------------------------------------- API
 def test_api_needs_the_token(daemon: Daemon) -> None:
     for method, path in [("GET", "/api/v1/state"), ("GET", "/api/v1/outbox"),
