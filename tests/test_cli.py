@@ -487,3 +487,42 @@ def test_no_daemon_is_said_plainly(tmp_path: Path) -> None:
     assert out.returncode == 1
     assert out.stderr == (f"edgehook: cannot reach the daemon at http://127.0.0.1:{port} "
                           "(connection refused): is it running? (systemctl status edgehook)\n")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"),
+                    reason="needs root to run the command as another user")
+def test_a_user_who_cannot_read_the_state_lists_through_the_api(daemon) -> None:  # type: ignore[no-untyped-def]
+    """The state directory and the token file are root's; the config is readable."""
+    home = Path(f"/tmp/edgehook-cli-{os.getpid()}-api")
+    home.mkdir(mode=0o755)
+    try:
+        (home / "state").mkdir(mode=0o700)
+        (home / "creds").mkdir(mode=0o700)
+        (home / "creds" / "api_token").write_text(API_TOKEN)
+        gone = _seed(home / "state", "old-target", 1, dead=True)[0]
+        port = free_port()
+        cfg = write(home / "edgehook.yaml", f"""\
+            state_dir: {home / 'state'}
+            gpio: {{backend: mock}}
+            http: {{listen: "127.0.0.1:{port}", api_token: !file {home}/creds/api_token}}
+            """)
+        cfg.chmod(0o644)
+        d = daemon(cfg, port=port)
+        d.wait_ready()
+
+        out = edgehook("outbox", "list", "-c", str(cfg), user=65534)
+        assert out.returncode == 1
+        assert out.stderr == (
+            f"edgehook: the daemon wants its API token (401), and http.api_token (!file "
+            f"{home}/creds/api_token (Permission denied)) cannot be read here: run "
+            f"`EDGEHOOK_API_TOKEN=... edgehook outbox list -c {cfg}` or `sudo edgehook "
+            f"outbox list -c {cfg}`\n")
+
+        out = edgehook("outbox", "list", "--status", "dead", "-c", str(cfg), user=65534,
+                       env={"EDGEHOOK_API_TOKEN": API_TOKEN})
+        assert out.returncode == 0, out.stderr
+        assert [int(line.split()[0]) for line in out.stdout.splitlines()[1:]] == [gone]
+        assert edgehook("outbox", "list", "-c", str(cfg)).returncode == 0, "root reads the file"
+    finally:
+        shutil.rmtree(home)

@@ -37,13 +37,7 @@ from dataclasses import replace
 from typing import Any
 
 from . import __version__
-from .cli_client import (
-    DaemonApi,
-    Unreachable,
-    hook_command,
-    outbox_command,
-    sim_command,
-)
+from .cli_client import DaemonApi, hook_command, outbox_command, sim_command
 from .config import Config, default_config_path, load_config
 from .errors import CommandError, ConfigError, EdgehookError, NoGpioError
 
@@ -135,8 +129,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(path, lenient=args.command in _LENIENT)
     except ConfigError as exc:
         return _config_problems(args, path, exc.problems)
-    for warning in cfg.warnings:
-        print(warning, file=sys.stderr)
+    if args.command in ("check", "run"):  # not on every `sim` or `outbox list`
+        for warning in cfg.warnings:
+            print(warning, file=sys.stderr)
     try:
         if args.command == "check":
             return _check(cfg, args.explain)
@@ -150,10 +145,7 @@ def main(argv: list[str] | None = None) -> int:
             return outbox_command(cfg, api, args)
         if args.command == "hook":
             return hook_command(cfg, args.name, args.data, command)
-    except Unreachable as exc:
-        print(f"edgehook: {exc}", file=sys.stderr)
-        return EXIT_FAIL
-    except EdgehookError as exc:
+    except EdgehookError as exc:  # the daemon unreachable or refusing, a file unreadable
         print(f"edgehook: {exc}", file=sys.stderr)
         return EXIT_FAIL
     return EXIT_FAIL

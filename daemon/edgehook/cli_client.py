@@ -293,13 +293,11 @@ def _with_file(cfg: Config, use: Any) -> Any:
     from .outbox import Outbox
 
     path = Path(cfg.state_dir) / "outbox.db"
-    if not path.exists():
-        try:
-            path.parent.stat()
-        except PermissionError:
-            raise _NoAccess(f"cannot read {path.parent}: {PERMISSION_HINT}") from None
-        except OSError:
-            pass
+    try:
+        exists = path.exists()
+    except PermissionError:
+        raise _NoAccess(f"cannot read {path.parent}: {PERMISSION_HINT}") from None
+    if not exists:
         raise _NoAccess(f"no outbox at {path} (is state_dir right, and did the daemon "
                         "ever run?)")
     try:

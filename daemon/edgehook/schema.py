@@ -1,8 +1,9 @@
 """The config's one source of truth: structure, types, defaults, choices and descriptions.
 
-The validator (`config.py`), the JSON Schema (`edgehook schema`) and the reference
-docs (`docs/configuration.md`) are all generated from the node tree below, so they
-cannot drift apart. Nothing here reads files or touches the world.
+The validator (`schemacheck.py`) reads the node tree below, and `make schema` writes
+the JSON Schema (`config/edgehook.schema.json`) and the reference docs
+(`docs/configuration.md`) from it, so the three cannot drift apart. Nothing here reads
+files or touches the world.
 """
 
 from __future__ import annotations
