@@ -22,14 +22,16 @@ $(VENV)/.test-extras: pyproject.toml $(BIN)/edgehook
 	$(BIN)/python -m pip install -q -e '.[test]'
 	@touch $@
 
-# The receiver starts first and is stopped when the daemon stops (Ctrl-C stops both).
+# The receiver starts first and is stopped when the daemon stops. Ctrl-C reaches the
+# daemon from the terminal (the receiver, started in the background, ignores it); a
+# SIGTERM to this shell is passed on to the daemon.
 run: $(BIN)/edgehook
 	@echo "make run: ring the doorbell with  $(BIN)/edgehook sim click doorbell -c $(CONFIG)"
 	@echo "make run: or open http://127.0.0.1:8080/ and press it there; Ctrl-C stops"
 	@$(BIN)/edgehook receive --port $(RECEIVER_PORT) & receiver=$$!; \
 	trap 'kill $$receiver 2>/dev/null' EXIT; \
 	$(BIN)/edgehook run -c $(CONFIG) --simulate & daemon=$$!; \
-	trap 'kill -TERM $$daemon 2>/dev/null' INT TERM; \
+	trap : INT; trap 'kill -TERM $$daemon 2>/dev/null' TERM; \
 	wait $$daemon; status=$$?; \
 	if [ $$status -gt 128 ]; then wait $$daemon; status=$$?; fi; \
 	exit $$status

@@ -1,14 +1,22 @@
 """The configs in config/: each passes `edgehook check` as it stands, example.yaml shows
-every key, and the GitHub-to-Slack one works end to end with a recorded push payload."""
+every key, the starter does nothing until edited and its steps work, `make run`'s demo
+delivers a press to its receiver, and the GitHub-to-Slack one works end to end with a
+recorded push payload."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
 import os
 import re
+import shutil
+import signal
+import socket
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -33,7 +41,8 @@ CLEAN_ENV = {k: v for k, v in os.environ.items()
 
 def test_there_are_examples() -> None:
     names = {p.name for p in EXAMPLES}
-    assert {"example.yaml", "demo.yaml", "doorbell-discord.yaml", "doorbell-ntfy.yaml",
+    assert {"example.yaml", "demo.yaml", "starter.yaml", "doorbell-discord.yaml",
+            "doorbell-ntfy.yaml",
             "doorbell-homeassistant.yaml", "porch-light-rest-command.yaml",
             "motion-mqtt.yaml", "github-to-slack.yaml", "stock-to-teams.yaml"} <= names
 
@@ -42,7 +51,8 @@ def test_there_are_examples() -> None:
 def test_example_loads_as_it_stands(path: Path) -> None:
     assert path.read_text().splitlines()[0] == MODELINE
     cfg = load_config(path, environ={})  # no variables at all: the marked defaults suffice
-    assert cfg.rules, f"{path.name} has no rules"
+    if path.name != "starter.yaml":  # the starter has none until it is edited
+        assert cfg.rules, f"{path.name} has no rules"
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
@@ -120,6 +130,124 @@ def test_documented_credentials_line_works(tmp_path: Path) -> None:
     cfg_path.write_text(live)
     cfg = load_config(cfg_path, environ={"CREDENTIALS_DIRECTORY": str(creds)})
     assert cfg.mqtt is not None and cfg.mqtt.password == "s3cret-from-systemd"
+
+
+# ----------------------------------------------------------------------- the starter
+
+STARTER = CONFIG_DIR / "starter.yaml"
+
+
+def starter_with_every_step_done() -> str:
+    """The starter as its steps say to edit it: the "# " before each indented line gone."""
+    return re.sub(r"(?m)^( +)# ", r"\1", STARTER.read_text())
+
+
+def test_starter_does_nothing_until_edited() -> None:
+    """What install.sh puts on a Pi reads the doorbell and nothing else: no output pin is
+    driven, no webhook (no placeholder URL) is sent, no broker or hook is involved."""
+    cfg = load_config(STARTER, environ={})
+    assert set(cfg.gpio.inputs) == {"doorbell"} and cfg.gpio.backend == "auto"
+    assert cfg.gpio.outputs == {} and cfg.webhooks == {} and cfg.hooks == {}
+    assert cfg.rules == () and cfg.mqtt is None
+    assert cfg.http.host == "127.0.0.1"
+    assert cfg.state_dir == "/var/lib/edgehook"  # where `sudo edgehook outbox` looks
+
+
+def test_starter_steps_give_doorbell_to_discord_and_porch_light(
+    tmp_path: Path, daemon
+) -> None:
+    """Done as written, the starter's steps give a doorbell that posts a Discord message
+    (its URL read from the systemd credential the steps create) and lights the porch."""
+    port = free_port()
+    text = starter_with_every_step_done()
+    assert text.count("\n  outputs:\n") == 1 and "\n  discord:\n" in text
+    text = text.replace("listen: 127.0.0.1:8080", f"listen: 127.0.0.1:{port}")
+    text = text.replace("state_dir: /var/lib/edgehook", f"state_dir: {tmp_path / 'state'}")
+    cfg = tmp_path / "edgehook.yaml"
+    cfg.write_text(text)
+    creds = tmp_path / "credentials"  # what LoadCredential=edgehook:<dir> hands the service
+    creds.mkdir()
+    with Receiver() as discord:
+        (creds / "edgehook_discord_url").write_text(f"{discord.url}/api/webhooks/1/abc\n")
+        d = daemon(cfg, port=port, env={"CREDENTIALS_DIRECTORY": str(creds)})
+        d.wait_ready()
+        r = d.api("POST", "/api/v1/inputs/doorbell/simulate", json={"action": "click"})
+        assert r.status_code == 200, r.text
+        req = discord.wait_for(1, timeout=10)[0]
+        assert req.path == "/api/webhooks/1/abc"
+        assert json.loads(req.body) == {"content": "Someone is at the Front door"}
+        state = d.api("GET", "/api/v1/state").json()
+        assert state["outputs"]["porch_light"]["state"] == "on"
+        assert state["outputs"]["porch_light"]["until"]  # for: 30s
+        assert d.stop() == 0
+    assert "Traceback" not in d.log
+
+
+# ----------------------------------------------------------------------- make run
+
+def test_make_run_delivers_a_press_to_its_receiver(tmp_path: Path) -> None:
+    """`make run`: the debug receiver starts beside the daemon on simulated pins, a press
+    of the demo's doorbell lights the porch and arrives at the receiver, and Ctrl-C stops
+    both. Run on a copy of the demo with free ports, with the venv as it is."""
+    make = shutil.which("make")
+    if make is None:
+        pytest.skip("make is not installed")
+    port, receiver_port = free_port(), free_port()
+    text = (CONFIG_DIR / "demo.yaml").read_text()
+    assert "url: http://127.0.0.1:8089/doorbell" in text
+    assert re.search(r"(?m)^RECEIVER_PORT \?= 8089$", (ROOT / "Makefile").read_text())
+    text = text.replace("listen: 127.0.0.1:8080", f"listen: 127.0.0.1:{port}")
+    text = text.replace("127.0.0.1:8089", f"127.0.0.1:{receiver_port}")
+    cfg = tmp_path / "demo.yaml"
+    cfg.write_text(text + f"\nstate_dir: {tmp_path / 'state'}\n")
+    venv_bin = str(Path(EDGEHOOK).parent)
+    # -o: take the venv as built (make test built it); never reinstall from a test
+    proc = subprocess.Popen(
+        [make, "--no-print-directory", "-o", f"{venv_bin}/edgehook", f"BIN={venv_bin}",
+         f"CONFIG={cfg}", f"RECEIVER_PORT={receiver_port}", "run"],
+        cwd=ROOT, env=CLEAN_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True)  # its own process group, like a terminal's foreground job
+    lines: list[str] = []
+
+    def read() -> None:
+        for line in proc.stdout:
+            lines.append(line)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        wait_until(lambda: any("edgehook receive: listening" in ln for ln in lines)
+                   and any(" started: " in ln for ln in lines), timeout=30,
+                   what="the receiver and the daemon to start")
+        out = subprocess.run([EDGEHOOK, "sim", "click", "doorbell", "-c", str(cfg)],
+                             capture_output=True, text=True, timeout=30, env=CLEAN_ENV)
+        assert out.returncode == 0, out.stderr
+        wait_until(lambda: any("signature: unsigned" in ln for ln in lines), timeout=10,
+                   what="the webhook at the receiver")
+        text = "".join(lines)
+        assert "POST /doorbell" in text and "Someone is at the Demo doorbell" in text
+        assert "webhook-id: msg_" in text
+        assert "output porch_light on for 30 s" in text
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does
+        proc.wait(timeout=20)
+        # Both stopped: nothing listens on either port any more.
+        for p in (port, receiver_port):
+            deadline = time.monotonic() + 5
+            while _listening(p) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert not _listening(p), f"port {p} still open after Ctrl-C"
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # whatever is left of the group
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    reader.join(timeout=5)
+    assert "stopped" in "".join(lines)
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def _runnable_copy(src: Path, tmp_path: Path, port: int, **urls: str) -> Path:
