@@ -226,7 +226,7 @@ def _gpio_where(cfg: Config, exc: Exception) -> str:
     """
     path = getattr(exc, "path", None)
     if isinstance(path, tuple) and path:
-        return cfg.where(*path, "pin")
+        return f"{cfg.where(*path, 'pin')}: {'.'.join(map(str, path))}"
     text = str(exc)
     for kind, devices in (("inputs", cfg.gpio.inputs), ("outputs", cfg.gpio.outputs)):
         for name in devices:
