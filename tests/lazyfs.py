@@ -27,7 +27,9 @@ back after a cut as an empty file.
 Cut. The control socket's ``cut`` command drops every overlay (every write since each
 file's last fsync) and freezes the file system: each later operation fails with EIO, as
 the disk of a machine without power would. The test then unmounts, and a "reboot" is a
-new mount over the same backing directory, which holds exactly what was fsynced.
+new mount over the same backing directory, which holds exactly what was fsynced. The
+``status`` command tells how many pages of each file are unsynced, so that a test can
+pull the plug at the moment that hurts most.
 
 POSIX and ``flock`` locks are left to the kernel (no lock operation is implemented),
 which keeps them correct between the processes on this one machine. All operations
@@ -46,6 +48,7 @@ import ctypes
 import ctypes.util
 import errno
 import importlib.util
+import json
 import os
 import shutil
 import socket
@@ -83,6 +86,7 @@ def missing() -> str | None:
 class _Overlay:
     """A file's writes since its last fsync: what a power cut loses."""
 
+    name: str  # the file's path when last written (for status)
     size: int  # the size readers see
     floor: int  # backing bytes at or beyond this were truncated away: they read as zeros
     pages: dict[int, bytearray] = field(default_factory=dict)
@@ -107,9 +111,11 @@ class LazyFS:
 
     use_ns = True
 
-    def __init__(self, backing: str, control: str | None = None) -> None:
+    def __init__(self, backing: str, control: str | None = None,
+                 fsync_delay: float = 0.0) -> None:
         self.root = os.path.realpath(backing)
         self.control = control
+        self.fsync_delay = fsync_delay
         self.frozen = False
         self._lock = threading.RLock()
         self._overlays: dict[tuple[int, int], _Overlay] = {}
@@ -121,7 +127,11 @@ class LazyFS:
         """Dispatch one FUSE operation (fusepy's entry point), serialised and frozen-aware.
 
         fusepy answers any OSError with its errno, so the ``os`` calls' errors pass through.
+        An fsync first waits `fsync_delay` (other operations go on meanwhile), as a slow
+        card does; a cut during that wait loses what it was about to make durable.
         """
+        if op == "fsync" and self.fsync_delay:
+            time.sleep(self.fsync_delay)
         with self._lock:
             if self.frozen and op not in ("destroy", "release"):
                 raise OSError(errno.EIO, "the power is off")
@@ -134,10 +144,12 @@ class LazyFS:
     def _key(st: os.stat_result) -> tuple[int, int]:
         return (st.st_dev, st.st_ino)
 
-    def _overlay(self, key: tuple[int, int], backing_size: int) -> _Overlay:
+    def _overlay(self, key: tuple[int, int], backing_size: int, path: str | None) -> _Overlay:
         ov = self._overlays.get(key)
         if ov is None:
-            ov = self._overlays[key] = _Overlay(size=backing_size, floor=backing_size)
+            ov = self._overlays[key] = _Overlay(path or "?", backing_size, backing_size)
+        elif path:
+            ov.name = path
         return ov
 
     def _forget_if_gone(self, key: tuple[int, int], nlink: int) -> None:
@@ -173,17 +185,22 @@ class LazyFS:
                 conn.sendall((self.command(command) + "\n").encode())
 
     def command(self, command: str) -> str:
-        """Run one control command: ``cut`` (drop unsynced writes, freeze) or ``status``."""
+        """Run one control command and answer in JSON.
+
+        ``status``: the unsynced pages per file; ``cut``: the same, then drop them all
+        and freeze (every later operation fails with EIO).
+        """
         with self._lock:
-            files = len(self._overlays)
-            pages = sum(len(ov.pages) for ov in self._overlays.values())
+            unsynced: dict[str, int] = {}
+            for ov in self._overlays.values():
+                unsynced[ov.name] = unsynced.get(ov.name, 0) + len(ov.pages)
+            answer = {"frozen": self.frozen, "unsynced_pages": unsynced}
             if command == "cut":
                 self._overlays.clear()
                 self.frozen = True
-                return f"cut files={files} pages={pages}"
-            if command == "status":
-                return f"status files={files} pages={pages} frozen={int(self.frozen)}"
-            return f"error unknown command {command!r}"
+            elif command != "status":
+                answer = {"error": f"unknown command {command!r}"}
+            return json.dumps(answer)
 
     def destroy(self, path: str) -> None:
         """Close what is still open at unmount (its unsynced data is simply lost)."""
@@ -305,7 +322,7 @@ class LazyFS:
 
     def write(self, path: str | None, data: bytes, offset: int, fh: int) -> int:
         fd, key = self._fds[fh]
-        ov = self._overlay(key, os.fstat(fd).st_size)
+        ov = self._overlay(key, os.fstat(fd).st_size, path)
         pos, view = offset, memoryview(data)
         while view:
             index, skip = divmod(pos, PAGE)
@@ -327,7 +344,7 @@ class LazyFS:
             assert path is not None
             st = os.lstat(self._path(path))
             key = self._key(st)
-        ov = self._overlay(key, st.st_size)
+        ov = self._overlay(key, st.st_size, path)
         if length < ov.size:
             ov.floor = min(ov.floor, length)
             index, skip = divmod(length, PAGE)
@@ -354,11 +371,11 @@ class LazyFS:
         """Nothing to do: namespace operations are durable at once (module doc)."""
 
 
-def serve(backing: str, mountpoint: str, control: str | None) -> None:
+def serve(backing: str, mountpoint: str, control: str | None, fsync_delay: float = 0.0) -> None:
     """Mount in the foreground until unmounted."""
     from fuse import FUSE
 
-    FUSE(LazyFS(backing, control), mountpoint, foreground=True, fsname="lazyfs",
+    FUSE(LazyFS(backing, control, fsync_delay), mountpoint, foreground=True, fsname="lazyfs",
          subtype="lazyfs")
 
 
@@ -387,8 +404,10 @@ def _umount(path: str, flags: int = 0) -> int:
 class LazyMount:
     """One lazyfs process mounted over `backing` at `mountpoint`; mount, cut, unmount, mount."""
 
-    def __init__(self, backing: Path, mountpoint: Path, workdir: Path) -> None:
+    def __init__(self, backing: Path, mountpoint: Path, workdir: Path,
+                 fsync_delay: float = 0.0) -> None:
         self.backing = backing
+        self.fsync_delay = fsync_delay
         self.mountpoint = mountpoint
         self.control = workdir / "lazyfs.sock"
         self.log = workdir / "lazyfs.log"
@@ -403,7 +422,8 @@ class LazyMount:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, __file__, str(self.backing), str(self.mountpoint),
-                 "--control", str(self.control)], stdout=log, stderr=subprocess.STDOUT)
+                 "--control", str(self.control), "--fsync-delay", str(self.fsync_delay)],
+                stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + MOUNT_TIMEOUT
         while not (mounted(self.mountpoint) and self.control.exists()):
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -413,17 +433,24 @@ class LazyMount:
             time.sleep(0.02)
         return self
 
-    def command(self, command: str) -> str:
+    def command(self, command: str) -> dict[str, Any]:
         """Send one control command and return the file system's answer."""
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(10)
             s.connect(str(self.control))
             s.sendall(command.encode() + b"\n")
-            return s.makefile("r").readline().strip()
+            return json.loads(s.makefile("r").readline())
 
-    def cut(self) -> str:
-        """Drop every write not yet fsynced and fail everything after (power off)."""
-        return self.command("cut")
+    def unsynced(self) -> dict[str, int]:
+        """Pages written but not yet fsynced, per file (paths inside the mount)."""
+        return self.command("status")["unsynced_pages"]
+
+    def cut(self) -> dict[str, int]:
+        """Drop every write not yet fsynced and fail everything after (power off).
+
+        Returns the unsynced pages per file that the cut dropped.
+        """
+        return self.command("cut")["unsynced_pages"]
 
     def unmount(self, timeout: float = 10.0) -> None:
         """Unmount and wait for the process to end (lazily if something still holds it)."""
@@ -455,8 +482,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("backing")
     parser.add_argument("mountpoint")
     parser.add_argument("--control", help="Unix socket for the cut and status commands")
+    parser.add_argument("--fsync-delay", type=float, default=0.0, metavar="SECONDS",
+                        help="how long each fsync takes (an SD card's is milliseconds)")
     args = parser.parse_args(argv)
-    serve(args.backing, args.mountpoint, args.control)
+    serve(args.backing, args.mountpoint, args.control, args.fsync_delay)
 
 
 if __name__ == "__main__":
