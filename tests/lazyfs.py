@@ -5,7 +5,7 @@ that whatever edgehook acknowledged (an MQTT PUBACK, a hook's 2xx) was on stable
 storage at that moment. A plain ``kill -9`` cannot show that: the kernel's page cache
 survives a process crash, so an acknowledged commit that was never fsynced still
 reaches the disk. Here the "page cache" is this process's memory, and the "disk" is a
-backing directory. (The idea is Jepsen's LazyFS; this is a small Python rewrite of it.)
+backing directory. (The idea is that of Jepsen's LazyFS, written here afresh in Python.)
 
 Data. Every write goes to an in-memory overlay of 4 KiB pages kept per file (per
 backing inode, so it follows renames and is shared by every open handle); reads see
@@ -63,8 +63,6 @@ from typing import Any
 
 PAGE = 4096
 MOUNT_TIMEOUT = 10.0
-#: What a test needs installed, said once for skip and failure messages.
-APT_HINT = "apt-get install -y libfuse2 && pip install fusepy"
 
 
 def missing() -> str | None:
@@ -72,9 +70,9 @@ def missing() -> str | None:
     if not os.path.exists("/dev/fuse"):
         return "/dev/fuse does not exist (no FUSE in this kernel or container)"
     if ctypes.util.find_library("fuse") is None:
-        return f"libfuse 2 is not installed ({APT_HINT})"
+        return "libfuse 2 is not installed (apt-get install -y libfuse2)"
     if importlib.util.find_spec("fuse") is None:
-        return f"fusepy is not installed ({APT_HINT})"
+        return "fusepy is not installed (it is in the test extras: pip install -e '.[test]')"
     if os.geteuid() != 0 and shutil.which("fusermount") is None:
         return "not root and no fusermount to mount with (apt-get install -y fuse)"
     return None

@@ -14,6 +14,12 @@ had not acknowledged. Then every acknowledged event must arrive as a webhook:
 - every hook answered 2xx (async 202 and sync 200);
 - every press answered 200 more than one group-commit interval (``PRESS_GRACE``)
   before the cut: a GPIO edge has nobody to acknowledge to, so the latest ones may go.
+
+Two things make the cut bite as it would on a Pi: every fsync takes ``FSYNC_DELAY``, as
+on an SD card, so whatever waits for one is at stake for that long; and the plug is
+pulled when the WAL holds the most unsynced pages (:func:`worst_moment`). The counts
+per kind (sent, acknowledged, delivered, lost) are printed and written to
+tests/artifacts/powercut.txt.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -38,6 +44,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 import lazyfs
 from broker import Mosquitto, free_port, wait_until
+from daemon_proc import DaemonProc
 from receiver import Receiver
 
 pytestmark = pytest.mark.slow
@@ -104,12 +111,12 @@ rules:
 
 
 @pytest.fixture()
-def mount(tmp_path: Path):
+def mount(tmp_path: Path) -> Iterator[lazyfs.LazyMount]:
     """lazyfs over tmp_path/backing at tmp_path/mnt; skipped without FUSE, unless CI=true."""
     reason = lazyfs.missing()
     if reason:
         if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true but {reason}: .ci/run installs it")
+            pytest.fail(f"CI=true but {reason}; .ci/run and make test install it")
         pytest.skip(reason)
     m = lazyfs.LazyMount(tmp_path / "backing", tmp_path / "mnt", tmp_path,
                          fsync_delay=FSYNC_DELAY)
@@ -146,6 +153,7 @@ class Load:
                                    self._hook("sync"))]
 
     def start(self) -> None:
+        """Start every load thread at once."""
         for t in self.threads:
             t.start()
 
@@ -223,7 +231,7 @@ def worst_moment(mount: lazyfs.LazyMount) -> int:
         time.sleep(0.005)
 
 
-def subscribed(d) -> bool:
+def subscribed(d: DaemonProc) -> bool:
     """Connected and subscribed: from now on the broker keeps the session's messages."""
     mqtt = d.api("GET", "/api/v1/state").json()["mqtt"]
     return bool(mqtt and mqtt["connected"] and mqtt.get("subscribed", True))
