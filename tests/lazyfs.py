@@ -25,8 +25,8 @@ and a directory fsync has nothing left to do. That is kinder than a real file sy
 back after a cut as an empty file.
 
 Cut. The control socket's ``cut`` command drops every overlay (every write since each
-file's last fsync) and freezes the file system: each later operation fails with EIO, as
-the disk of a machine without power would. The test then unmounts, and a "reboot" is a
+file's last fsync) and freezes the file system: each later operation but a close fails
+with EIO, as the disk of a machine without power would. The test then unmounts, and a "reboot" is a
 new mount over the same backing directory, which holds exactly what was fsynced. The
 ``status`` command tells how many pages of each file are unsynced, so that a test can
 pull the plug at the moment that hurts most.
@@ -131,7 +131,7 @@ class LazyFS:
         if op == "fsync" and self.fsync_delay:
             time.sleep(self.fsync_delay)
         with self._lock:
-            if self.frozen and op not in ("destroy", "release"):
+            if self.frozen and op not in ("destroy", "flush", "release"):
                 raise OSError(errno.EIO, "the power is off")
             return getattr(self, op)(*args)
 

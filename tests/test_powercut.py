@@ -26,9 +26,11 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import errno
 import json
 import os
 import signal
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -123,6 +125,51 @@ def mount(tmp_path: Path) -> Iterator[lazyfs.LazyMount]:
     m.mount()
     yield m
     m.unmount()
+
+
+def test_lazyfs_keeps_exactly_what_was_fsynced(mount: lazyfs.LazyMount) -> None:
+    """The file system itself: a cut drops unsynced writes and truncates, nothing else."""
+    root = mount.mountpoint
+    a = os.open(root / "a", os.O_RDWR | os.O_CREAT, 0o600)
+    os.write(a, b"durable")
+    os.fsync(a)
+    os.write(a, b" lost")
+    assert os.pread(a, 100, 0) == b"durable lost"  # reads see unsynced writes
+    (root / "b").write_bytes(b"never synced")
+    c = os.open(root / "c", os.O_RDWR | os.O_CREAT, 0o600)
+    os.write(c, b"x" * 10_000)
+    os.fdatasync(c)
+    os.ftruncate(c, 100)
+    assert os.fstat(c).st_size == 100
+    db = sqlite3.connect(root / "t.db", isolation_level=None)
+    db.execute("PRAGMA journal_mode = WAL")
+    db.execute("PRAGMA synchronous = FULL")
+    db.execute("CREATE TABLE t (x)")
+    db.execute("INSERT INTO t VALUES ('synced')")
+    db.execute("PRAGMA synchronous = NORMAL")  # commits are no longer fsynced
+    db.execute("INSERT INTO t VALUES ('lost')")
+    assert db.execute("SELECT count(*) FROM t").fetchone() == (2,)
+    assert mount.unsynced()["/t.db-wal"] > 0
+
+    mount.cut()
+    with pytest.raises(OSError) as frozen:
+        os.stat(root / "a")
+    assert frozen.value.errno == errno.EIO  # the power is off
+    db.close()
+    os.close(a)
+    os.close(c)
+    mount.unmount()
+    mount.mount()
+
+    assert (root / "a").read_bytes() == b"durable"
+    assert (root / "b").read_bytes() == b""  # the name is durable at once, the data is not
+    assert (root / "c").stat().st_size == 10_000
+    db = sqlite3.connect(root / "t.db")
+    try:
+        assert db.execute("SELECT x FROM t").fetchall() == [("synced",)]
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    finally:
+        db.close()
 
 
 @dataclass
