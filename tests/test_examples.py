@@ -183,6 +183,50 @@ def test_starter_steps_give_doorbell_to_discord_and_porch_light(
     assert "Traceback" not in d.log
 
 
+# ----------------------------------------------------------------------- the docs
+
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def _doc_configs() -> list[tuple[str, str]]:
+    """Every ```yaml block of the README and docs/ that is a whole config."""
+    found = []
+    for doc in DOCS:
+        blocks = re.findall(r"```yaml\n(.*?)```", doc.read_text(), re.S)
+        found += [(f"{doc.name}#{i}", b) for i, b in enumerate(blocks)
+                  if re.search(r"(?m)^gpio:", b) and re.search(r"(?m)^rules:", b)]
+    return found
+
+
+@pytest.mark.parametrize("name,text", _doc_configs(), ids=[n for n, _ in _doc_configs()])
+def test_documented_config_passes_check(name: str, text: str, tmp_path: Path) -> None:
+    """A config shown in the docs passes `edgehook check`, given the systemd credentials
+    it reads (as the service sees them)."""
+    creds = tmp_path / "credentials"
+    creds.mkdir()
+    for file in re.findall(r"\$\{CREDENTIALS_DIRECTORY\}/(\S+)", text):
+        (creds / file).write_text("https://hooks.example.net/a-secret-value\n")
+    cfg = tmp_path / "edgehook.yaml"
+    cfg.write_text(text.replace("/var/lib/edgehook", str(tmp_path / "state")))
+    out = subprocess.run([EDGEHOOK, "check", "-c", str(cfg)], capture_output=True, text=True,
+                         timeout=30, env={**CLEAN_ENV, "CREDENTIALS_DIRECTORY": str(creds)})
+    assert out.returncode == 0, out.stderr
+    assert "warning" not in out.stderr, out.stderr
+
+
+def test_there_are_documented_configs() -> None:
+    names = {n.split("#")[0] for n, _ in _doc_configs()}
+    assert {"README.md", "install-raspberry-pi.md"} <= names
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_doc_links_point_at_files_that_exist(doc: Path) -> None:
+    for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", doc.read_text()):
+        if re.match(r"[a-z]+:", target):  # http:, https:, mailto:
+            continue
+        assert (doc.parent / target).exists(), f"{doc.name} links to missing {target}"
+
+
 # ----------------------------------------------------------------------- make run
 
 def test_make_run_delivers_a_press_to_its_receiver(tmp_path: Path) -> None:
