@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .api import Api
 from .config import Config, load_config
 from .delivery import Sender
 from .dispatcher import Actions, Bus, Dispatcher, Reply
@@ -24,7 +25,7 @@ from .errors import ConfigError
 from .events import Event, make_event, rfc3339
 from .gpio import Gpio
 from .health import Snapshot, status_line, verdict
-from .http_api import Api, HttpServer
+from .http_server import HttpServer
 from .metrics import Histogram
 from .notify import Notifier, WatchdogPinger
 from .outbox import NewDelivery, Outbox
@@ -316,7 +317,8 @@ class Daemon:
     # ------------------------------------------------------------------ API backend
     def _api(self, cfg: Config) -> Api:
         return Api(self, api_token=cfg.http.api_token, max_body=cfg.http.max_body,
-                   hooks=cfg.hooks, max_connections=cfg.http.max_connections)
+                   hooks=cfg.hooks, max_connections=cfg.http.max_connections,
+                   trusted_proxies=cfg.http.trusted_proxies)
 
     def webhook_health(self) -> dict[str, dict[str, Any]]:
         """Per target: 410 Gone flag, last success/error (sender), rows pending."""

@@ -153,19 +153,6 @@ class _Unstored:
     ack: Ack | None
 
 
-def describe(call: Any) -> str:
-    """An action in the user's words ("webhook discord"), never a class name."""
-    if hasattr(call, "describe"):
-        return str(call.describe())
-    if isinstance(call, WebhookCall):
-        return f"webhook {call.target}"
-    if isinstance(call, OutputCall):
-        return f"output {call.output} {call.state}"
-    if isinstance(call, PublishCall):
-        return f"publish {call.topic}"
-    return "action"
-
-
 class Dispatcher:
     """Runs rules for every event on one thread; `engine` is swapped whole on reload."""
 
@@ -364,7 +351,7 @@ class Dispatcher:
                   store_error: str | None) -> None:
         self.events_total += 1
         self.last_event = event
-        skipped = [{"rule": r, "reason": why} for r, why in getattr(plan, "skipped", ())]
+        skipped = [{"rule": r, "reason": why} for r, why in plan.skipped]
         # One budget decision per event covers its action lines too (LOG_EVENTS_PER_S)
         log = _LOG.isEnabledFor(logging.INFO) and self._log_allowed()
         if log:
@@ -404,11 +391,11 @@ class Dispatcher:
                                   call.topic)
                     results.append({"publish": call.topic})
             except (CommandError, KeyError) as exc:
-                msg = f"rule {call.rule}: {describe(call)}: {str(exc).strip(chr(39))}"
+                msg = f"rule {call.rule}: {call.describe()}: {str(exc).strip(chr(39))}"
                 _LOG.error("event %s: %s", event.id, msg)
                 errors.append(msg)
             except Exception as exc:  # an action must never stop the next one
-                msg = f"rule {call.rule}: {describe(call)} failed: {exc}"
+                msg = f"rule {call.rule}: {call.describe()} failed: {exc}"
                 _LOG.exception("event %s: %s", event.id, msg)
                 errors.append(msg)
         self.recent.appendleft({"id": event.id, "type": event.type, "source": event.source,

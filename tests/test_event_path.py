@@ -1,0 +1,120 @@
+"""The straight event path in one process: pins and timers only enqueue, so no source
+thread ever takes the GPIO lock under its own; a reload never loses a batch; a
+webhook whose row could not be stored is never sent, and goes out once it is."""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from gpiozero.pins.mock import MockFactory
+
+from broker import free_port, wait_until
+from edgehook import outbox as ob
+from edgehook.app import Daemon
+from edgehook.config import load_config
+from edgehook.events import make_event
+from edgehook.rules import WebhookCall
+from receiver import Receiver
+
+CONFIG = """\
+device: {{id: path, name: Path}}
+state_dir: {state}
+gpio:
+  backend: mock
+  inputs:
+    bell: {{pin: 17, hold: 20ms, bounce: 0}}
+  outputs:
+    light: {{pin: 27}}
+http: {{listen: "127.0.0.1:{port}"}}
+webhooks:
+  sink: {{url: "{sink}", retry: {{max_attempts: 3}}}}
+rules:
+  - name: held
+    when: {{input: bell, event: held}}
+    do: [{{webhook: sink}}, {{output: light, set: toggle}}]
+  - name: ring
+    when: {{input: bell}}
+    do: [{{webhook: sink}}, {{output: light, set: on}}]
+"""
+
+
+@pytest.fixture()
+def sink() -> Iterator[Receiver]:
+    r = Receiver().start()
+    yield r
+    r.stop()
+
+
+@pytest.fixture()
+def daemon(tmp_path: Path, sink: Receiver) -> Iterator[Daemon]:
+    path = tmp_path / "c.yaml"
+    path.write_text(CONFIG.format(state=tmp_path / "state", port=free_port(), sink=sink.url))
+    d = Daemon(load_config(path, environ={}), pin_factory=MockFactory())
+    d.start()
+    yield d
+    d.stop()
+
+
+def guarded(fn, what: str, timeout: float = 5.0) -> None:
+    """Run fn on a thread and fail (instead of hanging the suite) if it never returns."""
+    t = threading.Thread(target=fn, daemon=True)
+    t.start()
+    t.join(timeout)
+    assert not t.is_alive(), f"{what} never returned: a deadlock"
+
+
+def test_simulating_while_a_held_timer_runs_its_rule_never_deadlocks(daemon: Daemon) -> None:
+    """A held timer's rule switches an output while `sim release` drives the same
+    input: two threads, two locks. With events run on the timer's thread (holding
+    the input's lock, then wanting the GPIO lock) against `sim` (GPIO lock, then the
+    input's lock), this froze the daemon within a few rounds."""
+    rng = random.Random(7)
+
+    def rounds() -> None:
+        for _ in range(150):
+            daemon.simulate("bell", "press")
+            time.sleep(0.02 + rng.uniform(-0.002, 0.003))  # release as the hold fires
+            daemon.simulate("bell", "release")
+
+    guarded(rounds, "150 press/release rounds racing the hold timer", timeout=60)
+    wait_until(lambda: daemon.dispatcher.events_total >= 300, timeout=30,
+               what="every event handled")
+    assert daemon.dispatcher.healthy()
+
+
+def test_a_rule_naming_a_target_the_running_config_lacks_still_stores_its_webhook(
+        daemon: Daemon, sink: Receiver) -> None:
+    """During a reload the engine and the config are swapped one after the other: a
+    batch may name a target that the other snapshot lacks. It is stored (with safe
+    defaults), not lost to a KeyError with the rest of its batch."""
+    event = make_event("input.pressed", "bell")
+    call = WebhookCall("new-rule", "added-by-reload", sink.url, {}, b"{}", "application/json")
+    daemon._store([(event, call)])
+    (row,) = daemon.outbox.list("pending") or daemon.outbox.list("dead")
+    assert row["target"] == "added-by-reload" and row["event_id"] == event.id
+
+
+def test_a_webhook_that_could_not_be_stored_is_never_sent_then_goes_out_once(
+        daemon: Daemon, sink: Receiver, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ob, "STATVFS_CACHE", 0.0)
+    monkeypatch.setattr(ob, "MIN_FREE_BYTES", 1 << 62)  # the disk is "full"
+    monkeypatch.setattr("edgehook.dispatcher.STORE_RETRY", 0.2)
+    daemon.simulate("bell", "click")
+    wait_until(lambda: daemon.dispatcher.unstored == 1, what="the press held in memory")
+    assert daemon.gpio.output_state("light")["state"] == "on"  # outputs still switch
+    ok, detail = daemon.health()
+    assert not ok and "storage" in " ".join(detail["problems"])
+    time.sleep(0.5)
+    assert sink.requests == []  # nothing goes out that is not on disk
+    monkeypatch.setattr(ob, "MIN_FREE_BYTES", 8 * 1024 * 1024)  # space is back
+    (req,) = sink.wait_for(1)
+    assert json.loads(req.body)["type"] == "input.pressed"
+    wait_until(lambda: daemon.dispatcher.unstored == 0, what="the held press stored")
+    time.sleep(0.3)
+    assert len(sink.requests) == 1
