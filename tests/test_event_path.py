@@ -113,8 +113,33 @@ def test_a_webhook_that_could_not_be_stored_is_never_sent_then_goes_out_once(
     time.sleep(0.5)
     assert sink.requests == []  # nothing goes out that is not on disk
     monkeypatch.setattr(ob, "MIN_FREE_BYTES", 8 * 1024 * 1024)  # space is back
-    (req,) = sink.wait_for(1)
-    assert json.loads(req.body)["type"] == "input.pressed"
-    wait_until(lambda: daemon.dispatcher.unstored == 0, what="the held press stored")
+    sink.wait_for(1)
+    assert json.loads(sink.requests[0].body)["type"] == "input.pressed"
+    wait_until(lambda: daemon.dispatcher.unstored == 0, what="the held events stored")
     time.sleep(0.3)
-    assert len(sink.requests) == 1
+    ids = [r.headers["webhook-id"] for r in sink.requests]
+    assert len(ids) == len(set(ids)) == daemon.outbox.counts()["delivered"]  # each once
+
+
+def test_a_reload_that_cannot_even_be_parsed_keeps_the_daemon_running(
+        daemon: Daemon, tmp_path: Path) -> None:
+    """500 nested lists make PyYAML recurse past Python's limit: SIGHUP must refuse the
+    file and keep the running config, not take the service down."""
+    Path(daemon.cfg.path).write_text("rules: " + "[" * 500 + "]" * 500 + "\n")
+    daemon.reload()
+    assert daemon.dispatcher.healthy()
+    daemon.simulate("bell", "click")
+    wait_until(lambda: daemon.gpio.output_state("light")["state"] == "on",
+               what="the old rules still run")
+
+
+def test_pins_simulated_at_start_stay_simulated_across_a_reload(daemon: Daemon) -> None:
+    """`run --simulate` over a config that says backend: auto: after SIGHUP the pins
+    are still the simulated ones (sim keeps working)."""
+    path = Path(daemon.cfg.path)
+    text = path.read_text().replace("backend: mock", "backend: auto")
+    path.write_text(text.replace("light: {pin: 27}", "light: {pin: 27, initial: off}"))
+    daemon.reload()
+    assert daemon.cfg.gpio.backend == "mock" and daemon.gpio.backend == "mock"
+    daemon.simulate("bell", "click")
+    wait_until(lambda: daemon.gpio.output_state("light")["state"] == "on", what="sim works")

@@ -192,3 +192,23 @@ def test_last_will_on_sigkill(tmp_path: Path, write_config, daemon, mosquitto: M
         d.signal(signal.SIGKILL)
         # mosquitto sends the will once it sees the socket close
         probe.wait_for("edgehook/door/status", lambda m: m.text == "offline", timeout=10)
+
+
+def test_on_stop_off_reaches_the_retained_state_before_the_link_closes(
+        tmp_path: Path, write_config, daemon, mosquitto: Mosquitto, sink: Receiver) -> None:
+    """A light that on_stop switches off at SIGTERM must not stay ON in Home Assistant:
+    the retained state topic says OFF once the daemon is gone."""
+    cfg = CONFIG.replace("porch_light: {{pin: 27, class: light}}",
+                         "porch_light: {{pin: 27, class: light, on_stop: 'off'}}")
+    port = free_port()
+    d = daemon(write_config(cfg.format(state=tmp_path / "state", mqtt_port=mosquitto.port,
+                                       port=port, sink=sink.url)), port=port)
+    d.wait_ready()
+    wait_until(lambda: connected(d), what="daemon connected")
+    assert d.api("PUT", "/api/v1/outputs/porch_light", json={"state": "on"}).status_code == 200
+    topic = "edgehook/door/output/porch_light"
+    wait_until(lambda: (m := retained(mosquitto, topic)) is not None and m.payload == b"ON",
+               what="retained ON")
+    assert d.stop() == 0
+    msg = retained(mosquitto, topic)
+    assert msg is not None and msg.payload == b"OFF"

@@ -7,8 +7,8 @@ handlers only set flags; the main thread does the work (reload, stop).
 from __future__ import annotations
 
 import logging
+import os
 import signal
-import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -68,9 +68,13 @@ class Daemon:
         self.silence: SilenceWatch | None = None
         self.time_triggers: TimeTriggers | None = None
         self.pinger = WatchdogPinger(self.notifier, self.healthy)
-        self._stop = threading.Event()
-        self._reload = threading.Event()
-        self._wake = threading.Event()
+        # Signal handlers only set these flags and write one byte to a pipe: a handler
+        # that took a lock (threading.Event.set does) could run while the main thread
+        # holds that very lock, and a second signal would then freeze the daemon.
+        self._stopping = False
+        self._reloading = False
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
         self._last_status = 0.0
 
     # ------------------------------------------------------------------ lifecycle
@@ -124,25 +128,33 @@ class Daemon:
         signal.signal(signal.SIGINT, self._on_signal)
         signal.signal(signal.SIGHUP, self._on_signal)
         self.start()
-        while not self._stop.is_set():
-            self._wake.wait()
-            self._wake.clear()
-            if self._reload.is_set() and not self._stop.is_set():
-                self._reload.clear()
+        while not self._stopping:
+            try:
+                os.read(self._wake_r, 64)  # a signal's byte, or request_stop()'s
+            except InterruptedError:
+                pass
+            if self._reloading and not self._stopping:
+                self._reloading = False
                 self.reload()
         self.stop()
         return 0
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         if signum == signal.SIGHUP:
-            self._reload.set()
+            self._reloading = True
         else:
-            self._stop.set()
-        self._wake.set()
+            self._stopping = True
+        self._poke()
+
+    def _poke(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:  # full: the main loop is awake anyway; closed: already stopped
+            pass
 
     def request_stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
+        self._stopping = True
+        self._poke()
 
     def stop(self) -> None:
         """SIGTERM: finish in-flight work, publish offline, leave the outbox intact."""
@@ -166,6 +178,10 @@ class Daemon:
             self.mqtt.stop()
         self.scheduler.stop()
         self.outbox.close()
+        fds, self._wake_r, self._wake_w = (self._wake_r, self._wake_w), -1, -1
+        for fd in fds:
+            if fd >= 0:
+                os.close(fd)
         _LOG.info("stopped")
 
     def reload(self) -> None:
