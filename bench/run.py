@@ -7,6 +7,8 @@ Runs, one after the other (never two at once, they would measure each other):
                    ``requests.Session`` loop, press->arrival through the outbox
 - bench_hooks.py   inbound hook req/s (only when the file exists)
 - bench_idle.py    start -> READY vs the import floor, RSS, CPU while idle
+- bench_sdcard.py  bytes written, fsyncs and log lines per event and while idle vs a
+                   naive SQLite writer (its own table, printed after the main one)
 
 and prints one table with the date and the machine. Ratios are taken against a
 reference measured in the same run on the same machine, which is what to compare
@@ -301,12 +303,26 @@ def main() -> int:
           verdict(ic["mqtt wakeups"] <= ic["paho floor wakeups"] * 1.1 + 1
                   and ic["mqtt"] <= 1.25 * ic["paho floor"]))
 
+    # 6. SD card writes per event and while idle, beside a naive SQLite writer
+    sd_args = ["bench/bench_sdcard.py", "--idle", f"{idle:g}", "--json"]
+    rc, out, took = run(sd_args + (["--quick"] if a.quick else []), idle + 300)
+    sdcard = ""
+    if rc == 0:
+        sdcard, _, raw = out.strip().rpartition("\n")
+        results["sdcard"] = json.loads(raw)
+        sdcard = sdcard.strip()
+    else:
+        sdcard = "SD card writes: bench/bench_sdcard.py failed (its error is above)"
+
     title = (f"edgehook benchmarks, {m['date']}: {m['arch']}, {m['cpu']}, {m['cores']} cores, "
              f"{m['mem_mb']} MB, Python {m['python']}, kernel {m['kernel']}, "
              f"loadavg at start {m['loadavg']:.2f}" + (" (--quick)" if a.quick else ""))
     print(title)
     print()
     print(t.markdown())
+    if sdcard:
+        print()
+        print(sdcard)
     results["table"] = t.rows
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=1, default=str))
