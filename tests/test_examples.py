@@ -298,7 +298,7 @@ def _runnable_copy(src: Path, tmp_path: Path, port: int, **urls: str) -> Path:
     """A copy of an example that runs here: its own port and state_dir, placeholder
     example.com URLs pointed at a local receiver, the MQTT port at a closed one."""
     text = src.read_text()
-    text, n = re.subn(r"(?m)^(  listen: )\S+", rf"\g<1>127.0.0.1:{port}", text)
+    text, n = re.subn(r"(?m)^(  listen: ).+$", rf"\g<1>127.0.0.1:{port}", text)
     assert n == 1, f"{src.name}: expected one http.listen line"
     text = re.sub(r"(?m)^state_dir: .*$", "", text) + f"\nstate_dir: {tmp_path / 'state'}\n"
     mqtt_port = free_port()  # nothing listens there: the link retries, quietly
@@ -439,7 +439,8 @@ def test_porch_light_rest_command_end_to_end(tmp_path: Path, daemon) -> None:
     """What Home Assistant's rest_command in porch-light-rest-command.yaml sends."""
     port = free_port()
     src = CONFIG_DIR / "porch-light-rest-command.yaml"
-    text = src.read_text().replace("  listen: 0.0.0.0:8080\n", f"  listen: 127.0.0.1:{port}\n")
+    text = src.read_text().replace("  listen: !env EDGEHOOK_LISTEN 127.0.0.1:8080\n",
+                                   f"  listen: 127.0.0.1:{port}\n")
     cfg = tmp_path / src.name
     cfg.write_text(text + f"\nstate_dir: {tmp_path / 'state'}\n")
     d = daemon(cfg, port=port, env={"HOOK_TOKEN": "porch-token-123"})

@@ -181,7 +181,7 @@ def _list(cfg: Config, api: DaemonApi, args: argparse.Namespace) -> int:
 
 def _change_via_api(cfg: Config, api: DaemonApi, args: argparse.Namespace) -> int:
     """retry, drop or purge through the daemon's API; raises Unreachable without one."""
-    cmd, item = args.outbox_command, args.id
+    cmd, item = args.outbox_command, getattr(args, "id", None)
     if cmd == "retry" and not args.all_dead:
         status, body = api.call("POST", f"/api/v1/outbox/{item}/retry")
         if status == 200:
@@ -229,7 +229,7 @@ def _change_in_file(cfg: Config, args: argparse.Namespace) -> int:
     """The same changes in the outbox file, for when no daemon answers."""
     from .outbox import daemon_holds
 
-    cmd, item = args.outbox_command, args.id
+    cmd, item = args.outbox_command, getattr(args, "id", None)
 
     def change(box: Any) -> int:
         now = time.time()
