@@ -123,7 +123,7 @@ def test_dead_rows_listed_and_retried(tmp_path: Path, write_config, daemon) -> N
         press(d, 1)
         wait_until(lambda: outbox(d)["dead"] == 1, timeout=40, what="503 x3 -> dead")
         assert len(sink.requests) == 5
-        assert d.api("POST", f"/api/v1/outbox/{item['id']}/retry").status_code == 409  # already delivered
+        assert d.api("POST", f"/api/v1/outbox/{item['id']}/retry").status_code == 409
         # 410: final, and the target is flagged as gone in the API
         sink.script(410)
         press(d, 1)
