@@ -170,7 +170,7 @@ class Dispatcher:
         self._next_store_retry = 0.0
         self._busy_since: float | None = None
         self._thread: threading.Thread | None = None
-        self._hang = os.environ.get("EDGEHOOK_TEST_HANG_EVENT")  # test-only fault, see docs/design.md
+        self._hang = os.environ.get("EDGEHOOK_TEST_HANG_EVENT")  # test fault (docs/design.md)
         self._log_second = 0       # the second (monotonic) the event-line budget is for
         self._log_budget = LOG_EVENTS_PER_S
         self._log_unlogged = 0     # events past the budget since the last summary
