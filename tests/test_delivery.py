@@ -1,4 +1,8 @@
-"""The sender against a real HTTP receiver on 127.0.0.1 and a real SQLite outbox."""
+"""The sender, black-box: a real SQLite outbox, a real HTTP receiver on 127.0.0.1.
+
+Rows are stored and then the sender is woken, as the daemon does after each commit.
+The pure policy (retry.py) is tested by tables, and over time with tests/fakeclock.py.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +11,11 @@ import hashlib
 import hmac
 import json
 import random
+import socket
 import sqlite3
-import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from email.utils import formatdate
 from pathlib import Path
 from typing import Any
@@ -19,16 +23,19 @@ from typing import Any
 import pytest
 
 import edgehook
-from edgehook import delivery
+from edgehook import delivery, retry
 from edgehook.config import Signing, WebhookConfig
-from edgehook.delivery import Sender, classify, next_delay, parse_retry_after
+from edgehook.delivery import Sender
 from edgehook.outbox import NewDelivery, Outbox
+from edgehook.retry import Plan, classify, expired, judge, next_delay, parse_retry_after, plan
 from edgehook.signing import verify_standard
-from edgehook.templates import Static
+from edgehook.templates import Static, compile_template
+from fakeclock import FakeTimers
 from receiver import Receiver, Reply
 
 SECRET_NEW = "whsec_" + base64.b64encode(b"new-secret-32-bytes-long-padding").decode()
 SECRET_OLD = "an old plain secret"
+PASSWORD = "pa55:w@rd-T0KEN"
 
 
 # --------------------------------------------------------------------------- helpers
@@ -44,19 +51,30 @@ def wait_until(pred: Callable[[], Any], timeout: float = 10.0, what: str = "cond
         time.sleep(0.01)
 
 
-def target(name: str, rx: Receiver, *, timeout: float = 2.0, signing: Signing | None = None,
-           ) -> WebhookConfig:
-    return WebhookConfig(name=name, url=Static(rx.url + "/hook"), timeout=timeout,
-                         signing=signing)
+SEQ_HEADER = {"X-Seq": compile_template("{{ event.data.seq }}")}  # a per-event header
+
+
+def target(name: str, rx: Receiver | str, *, timeout: float = 2.0,
+           signing: Signing | None = None, headers: dict[str, Any] | None = None,
+           max_attempts: int = 12, max_age: float = 900.0) -> WebhookConfig:
+    """A target whose URL is a per-event template (each row keeps the URL rendered for
+    it) unless `rx` is a URL string (a constant), with the per-event X-Seq header."""
+    url = compile_template("{{ base }}/hook?seq={{ seq }}") if isinstance(rx, Receiver) \
+        else Static(rx)
+    return WebhookConfig(name=name, url=url, timeout=timeout, signing=signing,
+                         headers=SEQ_HEADER if headers is None else headers,
+                         max_attempts=max_attempts, max_age=max_age)
 
 
 def add(box: Outbox, name: str, rx: Receiver, n: int = 1, *, start: int = 0,
-        max_attempts: int = 12, max_age: float = 900.0) -> list[int]:
+        max_attempts: int = 12, max_age: float = 900.0, url: str | None = None,
+        headers: dict[str, str] | None = None, now: float | None = None) -> list[int]:
+    """Store rows as the app renders them (URL and the per-event header filled in)."""
     return box.add([NewDelivery(
-        target=name, event_id=f"ev{i}", url=rx.url + f"/hook?seq={i}", method="POST",
-        headers={"X-Seq": str(i)}, body=json.dumps({"seq": i}).encode(),
+        target=name, event_id=f"ev{i}", url=url or rx.url + f"/hook?seq={i}", method="POST",
+        headers={"X-Seq": str(i), **(headers or {})}, body=json.dumps({"seq": i}).encode(),
         content_type="application/json", max_attempts=max_attempts, max_age=max_age)
-        for i in range(start, start + n)])
+        for i in range(start, start + n)], now=now)
 
 
 def status_of(box: Outbox, row_id: int) -> str:
@@ -65,10 +83,21 @@ def status_of(box: Outbox, row_id: int) -> str:
     return row["status"]
 
 
+def seqs(rx: Receiver) -> list[int]:
+    return [int(r.headers["x-seq"]) for r in rx.requests]
+
+
+def refused_url() -> str:
+    """An http:// URL on loopback where nothing listens."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}/hook"
+
+
 @pytest.fixture(autouse=True)
 def fast(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(delivery, "BACKOFF_FIRST", (0.05, 0.1))
-    monkeypatch.setattr(delivery, "BACKOFF_CAP", 0.5)
+    monkeypatch.setattr(retry, "BACKOFF_FIRST", (0.05, 0.1))
+    monkeypatch.setattr(retry, "BACKOFF_CAP", 0.5)
 
 
 @pytest.fixture
@@ -101,9 +130,10 @@ class Results(list[tuple[str, str, "int | None", float]]):
 def make_sender(box: Outbox) -> Iterator[Callable[..., tuple[Sender, Results]]]:
     made: list[Sender] = []
 
-    def make(*targets: WebhookConfig, start: bool = True) -> tuple[Sender, Results]:
+    def make(*targets: WebhookConfig, start: bool = True, outbox: Any = None,
+             ) -> tuple[Sender, Results]:
         results = Results()
-        s = Sender(box, {t.name: t for t in targets}, on_result=results)
+        s = Sender(outbox or box, {t.name: t for t in targets}, on_result=results)
         made.append(s)
         if start:
             s.start()
@@ -140,8 +170,8 @@ class FixedRng(random.Random):
 ])
 def test_next_delay(monkeypatch: pytest.MonkeyPatch, attempt: int, retry_after: float | None,
                     low: float, high: float) -> None:
-    monkeypatch.setattr(delivery, "BACKOFF_FIRST", (1.0, 5.0))
-    monkeypatch.setattr(delivery, "BACKOFF_CAP", 300.0)
+    monkeypatch.setattr(retry, "BACKOFF_FIRST", (1.0, 5.0))
+    monkeypatch.setattr(retry, "BACKOFF_CAP", 300.0)
     assert next_delay(attempt, retry_after, FixedRng(0.0)) == pytest.approx(low)
     assert next_delay(attempt, retry_after, FixedRng(1.0)) == pytest.approx(high)
     spread = {next_delay(attempt, retry_after, random.Random(i)) for i in range(50)}
@@ -163,9 +193,168 @@ def test_parse_retry_after() -> None:
     (200, "delivered"), (202, "delivered"), (204, "delivered"), (299, "delivered"),
     (408, "retry"), (429, "retry"), (500, "retry"), (503, "retry"), (599, "retry"),
     (400, "dead"), (401, "dead"), (404, "dead"), (410, "dead"), (422, "dead"), (301, "dead"),
+    (302, "dead"), (307, "dead"), (102, "dead"),
 ])
 def test_classify(status: int, outcome: str) -> None:
     assert classify(status) == outcome
+
+
+@dataclass
+class StoredRow:
+    """A row as the outbox stores it (the fields retry.plan reads)."""
+
+    url: str = "https://old.example/hook"
+    headers: dict[str, str] = field(default_factory=dict)
+    attempts: int = 0
+    created_at: float = 1000.0
+    deadline: float = 1900.0  # created_at + the max_age it was stored with (900)
+
+
+@dataclass
+class StoredRowWithAge(StoredRow):
+    max_age: float = 900.0
+
+
+def cfg(url: str = "https://new.example/hook", headers: dict[str, str] | None = None,
+        max_attempts: int = 12, max_age: float = 900.0) -> WebhookConfig:
+    return WebhookConfig(name="t", url=compile_template(url), max_attempts=max_attempts,
+                         max_age=max_age,
+                         headers={k: compile_template(v) for k, v in (headers or {}).items()})
+
+
+TOKEN_URL = "https://hooks.example/{{ event.data.room }}"
+
+
+@pytest.mark.parametrize(("row", "config", "expected"), [
+    # a constant URL: the config's as it is now (a fixed URL reaches queued rows)
+    (StoredRow(), cfg(), Plan("https://new.example/hook", {}, 12, 1900.0)),
+    # a per-event URL: the one rendered for the row's event
+    (StoredRow(url="https://hooks.example/kitchen"), cfg(TOKEN_URL),
+     Plan("https://hooks.example/kitchen", {}, 12, 1900.0)),
+    # headers: constants now, templates as rendered, gone ones dropped, new templates
+    # left out (no event to render them with); names matched case-insensitively
+    (StoredRow(headers={"X-Key": "old", "x-room": "kitchen", "X-Gone": "g"}),
+     cfg(headers={"X-Key": "new", "X-Room": "{{ event.data.room }}",
+                  "X-New": "{{ event.id }}", "X-Added": "a"}),
+     Plan("https://new.example/hook", {"X-Key": "new", "X-Room": "kitchen", "X-Added": "a"},
+          12, 1900.0)),
+    # retry policy: max_attempts now; a longer max_age reaches queued rows
+    (StoredRow(), cfg(max_attempts=3, max_age=3600.0),
+     Plan("https://new.example/hook", {}, 3, 4600.0)),
+    # a shorter max_age: a row that cannot tell its window keeps its stored deadline
+    (StoredRow(), cfg(max_age=60.0), Plan("https://new.example/hook", {}, 12, 1900.0)),
+    # ... and one that can (its stored max_age) gets the current one from its start
+    (StoredRowWithAge(), cfg(max_age=60.0), Plan("https://new.example/hook", {}, 12, 1060.0)),
+    # re-armed by `edgehook outbox retry` at 5000: the new window is kept
+    (StoredRow(deadline=5900.0), cfg(), Plan("https://new.example/hook", {}, 12, 5900.0)),
+    (StoredRowWithAge(deadline=5900.0), cfg(max_age=60.0),
+     Plan("https://new.example/hook", {}, 12, 5060.0)),
+], ids=["constant-url", "template-url", "headers", "longer-policy", "shorter-max-age",
+        "shorter-max-age-known", "re-armed", "re-armed-known"])
+def test_plan_follows_the_current_config(row: StoredRow, config: WebhookConfig,
+                                         expected: Plan) -> None:
+    assert plan(row, config) == expected
+
+
+@pytest.mark.parametrize(("attempts", "now", "why"), [
+    (0, 1000.0, None),
+    (2, 1899.0, None),
+    (0, 1900.5, "max_age exceeded before the attempt"),
+    (3, 1000.0, "max_attempts (3) reached"),  # lowered by a reload below what was tried
+])
+def test_expired(attempts: int, now: float, why: str | None) -> None:
+    p = Plan("https://x.example/", {}, 3, 1900.0)
+    assert expired(StoredRow(attempts=attempts), p, now) == why
+
+
+@pytest.mark.parametrize(("status", "error", "final", "retry_after", "attempt", "expected"), [
+    (200, None, False, None, 1, ("delivered", None, None)),
+    (503, None, False, None, 1, ("retry", 0.0, "HTTP 503")),
+    (None, "timeout", False, None, 2, ("retry", 0.0, "timeout")),
+    (408, None, False, None, 1, ("retry", 0.0, "HTTP 408")),
+    (429, None, False, "120", 1, ("retry", 120.0, "HTTP 429")),   # Retry-After honoured
+    (503, None, False, "7", 1, ("retry", 7.0, "HTTP 503")),
+    (500, None, False, "7", 1, ("retry", 0.0, "HTTP 500")),       # only on 429/503
+    (429, None, False, "5000", 1, ("retry", 300.0, "HTTP 429")),  # capped
+    (400, None, False, None, 1, ("dead", None, "HTTP 400")),
+    (410, None, False, None, 1, ("dead", None, "HTTP 410")),
+    (301, None, False, None, 1, ("dead", None, "HTTP 301")),
+    (None, "invalid URL", True, None, 1, ("dead", None, "invalid URL")),
+    (503, None, False, None, 3, ("dead", None, "max_attempts (3) reached: HTTP 503")),
+])
+def test_judge(monkeypatch, status, error, final, retry_after, attempt, expected) -> None:
+    monkeypatch.setattr(retry, "BACKOFF_FIRST", (0.0, 0.0))  # the computed wait is 0
+    monkeypatch.setattr(retry, "BACKOFF_CAP", 300.0)
+    now = 1000.0
+    v = judge(status, error, final, retry_after, attempt=attempt,
+              p=Plan("https://x.example/", {}, 3, 1500.0), now=now, rng=FixedRng(0.5))
+    wait = None if v.next_at is None else v.next_at - now
+    assert (v.outcome, wait, v.error) == expected
+
+
+def test_judge_a_retry_after_the_deadline_is_dead(monkeypatch) -> None:
+    monkeypatch.setattr(retry, "BACKOFF_CAP", 300.0)
+    p = Plan("https://x.example/", {}, 3, 1100.0)
+    v = judge(503, None, False, "200", attempt=1, p=p, now=1000.0, rng=FixedRng(0.5))
+    assert (v.outcome, v.next_at, v.error) == ("dead", None, "max_age exceeded: HTTP 503")
+    v = judge(None, "timeout", False, None, attempt=1, p=p, now=1000.0, rng=FixedRng(0.5))
+    assert v.outcome == "retry"  # 1-5 s is within the deadline
+
+
+def simulate(clock: FakeTimers, row: StoredRow, config: Callable[[], WebhookConfig],
+             status: int = 503) -> list[tuple[float, str]]:
+    """Fail `row` until it is dead, as the sender would, on a fake clock: each
+    attempt is planned under config() at that moment. Returns (time, verdict)."""
+    seen: list[tuple[float, str]] = []
+    rng = random.Random(7)
+    while True:
+        p = plan(row, config())
+        why = expired(row, p, clock.wall())
+        if why is not None:
+            seen.append((clock.wall(), why))
+            return seen
+        v = judge(status, None, False, None, attempt=row.attempts + 1, p=p,
+                  now=clock.wall(), rng=rng)
+        row.attempts += 1
+        seen.append((clock.wall(), v.error or v.outcome))
+        if v.outcome != "retry":
+            return seen
+        assert v.next_at is not None
+        clock.advance(v.next_at - clock.wall())
+
+
+def test_max_attempts_counts_the_first_attempt_over_time(monkeypatch) -> None:
+    monkeypatch.setattr(retry, "BACKOFF_FIRST", (1.0, 5.0))
+    monkeypatch.setattr(retry, "BACKOFF_CAP", 300.0)
+    clock = FakeTimers()
+    row = StoredRow(created_at=clock.wall(), deadline=clock.wall() + 900)
+    seen = simulate(clock, row, lambda: cfg(max_attempts=4, max_age=3600))
+    assert row.attempts == 4
+    assert seen[-1][1] == "max_attempts (4) reached: HTTP 503"
+    gaps = [b[0] - a[0] for a, b in zip(seen, seen[1:], strict=False)]
+    assert 1 <= gaps[0] <= 5 and 2 <= gaps[1] <= 10 and 4 <= gaps[2] <= 20  # doubling
+
+
+def test_max_age_ends_the_retries_over_time_and_a_reload_extends_it(monkeypatch) -> None:
+    monkeypatch.setattr(retry, "BACKOFF_FIRST", (1.0, 5.0))
+    monkeypatch.setattr(retry, "BACKOFF_CAP", 300.0)
+    clock = FakeTimers()
+    start = clock.wall()
+    row = StoredRow(created_at=start, deadline=start + 900)
+    seen = simulate(clock, row, lambda: cfg(max_attempts=100, max_age=900))
+    assert seen[-1][1] == "max_age exceeded: HTTP 503"
+    assert clock.wall() - start <= 900
+    # the same failing row under a config reloaded to max_age 1h lives longer
+    clock2 = FakeTimers()
+    row2 = StoredRow(created_at=clock2.wall(), deadline=clock2.wall() + 900)
+    config = cfg(max_attempts=100, max_age=900)
+
+    def current() -> WebhookConfig:
+        return config if clock2.now < 60 else cfg(max_attempts=100, max_age=3600)
+
+    seen2 = simulate(clock2, row2, current)
+    assert seen2[-1][1] == "max_age exceeded: HTTP 503"
+    assert 900 < seen2[-1][0] - clock2.epoch <= 3600
 
 
 # --------------------------------------------------------------------------- outcomes
@@ -173,7 +362,7 @@ def test_classify(status: int, outcome: str) -> None:
 def test_503_503_200_delivered_once_same_webhook_id(box, rx, make_sender) -> None:
     rx.script(503, 503, 200)
     (rid,) = add(box, "t", rx)
-    _, results = make_sender(target("t", rx))
+    sender, results = make_sender(target("t", rx))
     wait_until(lambda: status_of(box, rid) == "delivered", what="delivered")
     reqs = rx.requests
     assert len(reqs) == 3
@@ -183,6 +372,7 @@ def test_503_503_200_delivered_once_same_webhook_id(box, rx, make_sender) -> Non
     assert [h["status"] for h in row["history"]] == [503, 503, 200]
     assert [r[1] for r in results] == ["retry", "retry", "delivered"]
     assert box.counts() == {"pending": 0, "delivered": 1, "dead": 0}
+    assert not hasattr(sender, "handover") and not hasattr(sender, "offer")
 
 
 def test_400_is_dead_after_one_attempt(box, rx, make_sender) -> None:
@@ -193,6 +383,15 @@ def test_400_is_dead_after_one_attempt(box, rx, make_sender) -> None:
     row = box.get(rid)
     assert row["attempts"] == 1 and row["last_status"] == 400 and row["last_error"] == "HTTP 400"
     assert len(rx.requests) == 1
+
+
+def test_a_redirect_is_final_and_not_followed(box, rx, rx2, make_sender) -> None:
+    rx.script(Reply(307, {"Location": rx2.url + "/elsewhere"}))
+    (rid,) = add(box, "t", rx)
+    make_sender(target("t", rx))
+    wait_until(lambda: status_of(box, rid) == "dead", what="dead")
+    assert box.get(rid)["last_error"] == "HTTP 307"
+    assert len(rx.requests) == 1 and rx2.requests == []
 
 
 def test_410_marks_the_target_gone(box, rx, make_sender) -> None:
@@ -208,7 +407,7 @@ def test_410_marks_the_target_gone(box, rx, make_sender) -> None:
 
 
 def test_429_retry_after_is_honoured(box, rx, make_sender, monkeypatch) -> None:
-    monkeypatch.setattr(delivery, "BACKOFF_CAP", 10.0)
+    monkeypatch.setattr(retry, "BACKOFF_CAP", 10.0)
     rx.script(Reply(429, {"Retry-After": "2"}), 200)
     (rid,) = add(box, "t", rx)
     make_sender(target("t", rx))
@@ -237,15 +436,15 @@ def test_refused_connections_then_everything_in_order(box, rx, make_sender) -> N
     assert all(box.get(i)["attempts"] == 0 for i in ids[1:])  # they wait behind the head
     rx.restart()
     wait_until(lambda: box.counts()["delivered"] == 5, what="all delivered")
-    assert [r.headers["x-seq"] for r in rx.requests] == ["0", "1", "2", "3", "4"]
+    assert seqs(rx) == [0, 1, 2, 3, 4]
 
 
 @pytest.mark.slow
 def test_real_20_second_outage(box, rx, make_sender, monkeypatch) -> None:
-    """The issue's case as stated: the receiver refuses connections for 20 s."""
-    monkeypatch.setattr(delivery, "BACKOFF_FIRST", (0.2, 0.4))
-    monkeypatch.setattr(delivery, "BACKOFF_CAP", 1.0)
-    sender, _ = make_sender(target("t", rx))
+    """The receiver refuses connections for 20 s while events keep coming."""
+    monkeypatch.setattr(retry, "BACKOFF_FIRST", (0.2, 0.4))
+    monkeypatch.setattr(retry, "BACKOFF_CAP", 1.0)
+    sender, _ = make_sender(target("t", rx, max_attempts=100))
     add(box, "t", rx, 3)
     sender.wake(["t"])
     rx.wait_for(3)
@@ -262,8 +461,7 @@ def test_real_20_second_outage(box, rx, make_sender, monkeypatch) -> None:
     assert back - outage_start >= 20.0
     wait_until(lambda: box.counts()["delivered"] == 23, what="all delivered")
     assert time.monotonic() - back < 2.5  # within one capped backoff (plus jitter)
-    seqs = [int(r.headers["x-seq"]) for r in rx.requests]
-    assert seqs == list(range(23))  # nothing lost, nothing duplicated, in order
+    assert seqs(rx) == list(range(23))  # nothing lost, nothing duplicated, in order
     assert box.counts() == {"pending": 0, "delivered": 23, "dead": 0}
 
 
@@ -285,7 +483,7 @@ def test_black_holed_target_does_not_delay_another(box, rx, rx2, make_sender) ->
 def test_max_age_makes_it_dead(box, rx, make_sender) -> None:
     rx.default = Reply(503)
     (rid,) = add(box, "t", rx, max_age=0.6)
-    make_sender(target("t", rx))
+    make_sender(target("t", rx, max_age=0.6))
     wait_until(lambda: status_of(box, rid) == "dead", what="dead")
     row = box.get(rid)
     assert "max_age" in row["last_error"]
@@ -293,17 +491,17 @@ def test_max_age_makes_it_dead(box, rx, make_sender) -> None:
 
 
 def test_max_age_already_passed_is_dead_without_an_attempt(box, rx, make_sender) -> None:
-    (rid,) = box.add([NewDelivery("t", "ev", rx.url, "POST", {}, b"{}", "application/json",
-                                  5, 10.0)], now=time.time() - 60)
-    make_sender(target("t", rx))
+    (rid,) = add(box, "t", rx, max_age=10.0, now=time.time() - 60)
+    make_sender(target("t", rx, max_age=10.0))
     wait_until(lambda: status_of(box, rid) == "dead", what="dead")
     assert box.get(rid)["attempts"] == 0 and rx.requests == []
+    assert box.get(rid)["last_error"] == "max_age exceeded before the attempt"
 
 
 def test_max_attempts_makes_it_dead(box, rx, make_sender) -> None:
     rx.default = Reply(503)
-    (rid,) = add(box, "t", rx, max_attempts=2)
-    make_sender(target("t", rx))
+    (rid,) = add(box, "t", rx)
+    make_sender(target("t", rx, max_attempts=2))
     wait_until(lambda: status_of(box, rid) == "dead", what="dead")
     row = box.get(rid)
     assert row["attempts"] == 2 and "max_attempts" in row["last_error"]
@@ -315,12 +513,96 @@ def test_retry_of_a_dead_row_delivers_it_with_the_same_webhook_id(box, rx, make_
     (rid,) = add(box, "t", rx)
     sender, _ = make_sender(target("t", rx))
     wait_until(lambda: status_of(box, rid) == "dead", what="dead")
-    wait_until(lambda: sender._workers["t"].in_sync, what="in sync: it reads no more")
-    assert box.retry(rid, time.time())  # an older row, pending behind the thread's back
+    assert box.retry(rid, time.time())  # pending again behind the thread's back
     sender.wake(["t"])
     wait_until(lambda: status_of(box, rid) == "delivered", what="delivered")
     first, second = rx.requests
     assert first.headers["webhook-id"] == second.headers["webhook-id"] == box.get(rid)["webhook_id"]
+
+
+def test_retry_of_an_old_dead_row_gets_a_new_window(box, rx, make_sender) -> None:
+    """A delivery that died an hour ago, retried from the CLI: its max_age counts from
+    the retry, not from when it was first stored."""
+    (rid,) = add(box, "t", rx, max_age=60.0, now=time.time() - 3600)
+    sender, _ = make_sender(target("t", rx, max_age=60.0))
+    wait_until(lambda: status_of(box, rid) == "dead", what="dead: too old")
+    assert rx.requests == []
+    assert box.retry(rid, time.time())
+    sender.wake(["t"])
+    wait_until(lambda: status_of(box, rid) == "delivered", what="delivered after the retry")
+    assert len(rx.requests) == 1
+
+
+# --------------------------------------------------------------------------- the current config
+
+def test_a_fixed_url_reaches_the_rows_already_queued(box, rx, make_sender) -> None:
+    """The user had a wrong (constant) URL; rows pile up retrying; a reload with the
+    right one sends them there, in order, each with its webhook-id."""
+    wrong = refused_url()
+    ids = add(box, "t", rx, 3, url=wrong)
+    sender, _ = make_sender(target("t", wrong))
+    wait_until(lambda: box.get(ids[0])["attempts"] >= 2, what="failing on the wrong URL")
+    sender.reload({"t": target("t", rx.url + "/fixed")})
+    wait_until(lambda: box.counts()["delivered"] == 3, what="delivered to the new URL")
+    assert [r.path for r in rx.requests] == ["/fixed"] * 3
+    assert seqs(rx) == [0, 1, 2]
+    assert [r.headers["webhook-id"] for r in rx.requests] == \
+        [box.get(i)["webhook_id"] for i in ids]
+
+
+def test_a_per_event_url_keeps_the_url_rendered_for_the_row(box, rx, rx2, make_sender) -> None:
+    ids = add(box, "t", rx, 2)
+    rx.script(503)
+    sender, _ = make_sender(target("t", rx))
+    rx.wait_for(1)
+    sender.reload({"t": target("t", rx2)})  # still a template: each row's own URL stands
+    wait_until(lambda: box.counts()["delivered"] == 2, what="delivered")
+    assert [r.path for r in rx.requests] == ["/hook?seq=0", "/hook?seq=0", "/hook?seq=1"]
+    assert rx2.requests == [] and len(ids) == 2
+
+
+def test_headers_follow_the_reload(box, rx, make_sender) -> None:
+    """Constant headers are the config's now; a per-event one keeps the row's value;
+    a header the config dropped is no longer sent."""
+    rx.script(503)
+    add(box, "t", rx, 1, headers={"X-Key": "old", "X-Dropped": "d"})
+    old = {**SEQ_HEADER, "X-Key": Static("old"), "X-Dropped": Static("d")}
+    sender, _ = make_sender(target("t", rx, headers=old))
+    rx.wait_for(1)
+    sender.reload({"t": target("t", rx, headers={**SEQ_HEADER, "X-Key": Static("new")})})
+    first, second = rx.wait_for(2)
+    assert (first.headers["x-key"], first.headers["x-dropped"]) == ("old", "d")
+    assert second.headers["x-key"] == "new" and "x-dropped" not in second.headers
+    assert first.headers["x-seq"] == second.headers["x-seq"] == "0"
+
+
+def test_a_lower_max_attempts_applies_to_queued_rows(box, rx, make_sender, monkeypatch) -> None:
+    monkeypatch.setattr(retry, "BACKOFF_FIRST", (0.3, 0.3))
+    rx.default = Reply(503)
+    (rid,) = add(box, "t", rx, max_attempts=12)
+    sender, _ = make_sender(target("t", rx, max_attempts=12))
+    wait_until(lambda: box.get(rid)["attempts"] >= 2, what="two attempts")
+    sender.reload({"t": target("t", rx, max_attempts=2)})
+    wait_until(lambda: status_of(box, rid) == "dead", what="dead under the new policy")
+    assert box.get(rid)["last_error"].startswith("max_attempts (2) reached")
+
+
+def test_a_longer_max_age_applies_to_queued_rows(box, rx, make_sender, monkeypatch) -> None:
+    rx.default = Reply(503)
+    (rid,) = add(box, "t", rx, max_age=1.0, max_attempts=100)
+    sender, _ = make_sender(target("t", rx, max_age=30.0, max_attempts=100))
+    time.sleep(1.5)  # past the age the row was stored with: real time passing
+    assert status_of(box, rid) == "pending"
+    rx.default = Reply(200)
+    wait_until(lambda: status_of(box, rid) == "delivered", what="delivered")
+
+
+def test_a_removed_target_is_dead_without_an_attempt(box, rx, make_sender) -> None:
+    (orphan,) = add(box, "unknown", rx)
+    make_sender(target("a", rx))
+    wait_until(lambda: status_of(box, orphan) == "dead", what="orphan dead")
+    assert box.get(orphan)["last_error"] == "target removed from config"
+    assert box.get(orphan)["attempts"] == 0 and rx.requests == []
 
 
 # --------------------------------------------------------------------------- wire format
@@ -369,6 +651,27 @@ def test_signature_is_fresh_on_retry_and_secret_read_at_send_time(box, rx, make_
                            second.headers["webhook-signature"], second.body, time.time())
 
 
+def test_url_credentials_are_basic_auth_and_never_stored(box, rx, make_sender) -> None:
+    url = f"http://hooks:{PASSWORD.replace('@', '%40')}@127.0.0.1:{rx.port}/in"
+    rx.script(503)
+    (rid,) = add(box, "t", rx, url=url)
+    sender, _ = make_sender(target("t", url))
+    first, second = rx.wait_for(2)
+    assert second.path == "/in"
+    expected = "Basic " + base64.b64encode(f"hooks:{PASSWORD}".encode()).decode()
+    assert first.headers["authorization"] == second.headers["authorization"] == expected
+    wait_until(lambda: status_of(box, rid) == "delivered", what="delivered")
+    # refused now: the error text names the cause, never the credentials
+    rx.stop()
+    (rid2,) = add(box, "t", rx, url=url, start=1)
+    sender.wake(["t"])
+    wait_until(lambda: box.get(rid2)["attempts"] >= 1, what="a failed attempt")
+    error = box.get(rid2)["last_error"]
+    assert "refused" in error.lower() and PASSWORD not in error and "hooks:" not in error
+    health = sender.target_health()["t"]
+    assert health["last_error"] == error
+
+
 def test_keep_alive_connection_is_reused_and_remade(box, rx, make_sender) -> None:
     sender, results = make_sender(target("t", rx))
     add(box, "t", rx, 10)
@@ -382,6 +685,31 @@ def test_keep_alive_connection_is_reused_and_remade(box, rx, make_sender) -> Non
     rx.wait_for(11)
     wait_until(lambda: box.counts()["delivered"] == 11, what="delivered")
     assert [r[1] for r in results] == ["delivered"] * 11  # the reconnect cost no attempt
+
+
+def test_unsendable_requests_are_final_and_quote_no_secret(box, rx, make_sender) -> None:
+    bad_header = {**SEQ_HEADER, "Authorization": compile_template("{{ event.data.tok }}")}
+    ids = add(box, "t", rx, 1, headers={"Authorization": "Bearer tok\r\nX: y"})
+    ids += add(box, "t", rx, 1, start=1, url=rx.url + "/h?token=s3cr3t value")
+    ids += add(box, "t", rx, 1, start=2, url="ftp://127.0.0.1/x")
+    (good,) = add(box, "t", rx, start=3)
+    make_sender(target("t", rx, headers=bad_header))
+    wait_until(lambda: status_of(box, good) == "delivered", what="the good row delivered")
+    for rid in ids:
+        row = box.get(rid)
+        assert row["status"] == "dead" and row["attempts"] == 1
+        assert "tok" not in row["last_error"] and "s3cr3t" not in row["last_error"]
+    assert len(rx.requests) == 1
+
+
+def test_a_bad_secret_is_retried_not_fatal(box, rx, make_sender) -> None:
+    (rid,) = add(box, "t", rx)
+    sender, _ = make_sender(target("t", rx, signing=Signing("standard", ("whsec_%%%",))))
+    wait_until(lambda: box.get(rid)["attempts"] >= 2, what="two attempts")
+    assert box.get(rid)["last_error"].startswith("signing failed")
+    assert "%%%" not in box.get(rid)["last_error"]
+    sender.reload({"t": target("t", rx, signing=Signing("standard", (SECRET_OLD,)))})
+    wait_until(lambda: status_of(box, rid) == "delivered", what="delivered after the fix")
 
 
 # --------------------------------------------------------------------------- lifecycle
@@ -402,12 +730,19 @@ def test_rows_pending_at_start_up_are_sent(tmp_path: Path, rx: Receiver) -> None
         box.close()
 
 
+def test_rows_stored_while_sending_go_once_in_order(box, rx, make_sender) -> None:
+    """Commits and wakes racing the thread's claims: every row once, in order."""
+    add(box, "t", rx, 30)  # before start: only in the database
+    sender, _ = make_sender(target("t", rx))
+    for i in range(30, 300, 10):
+        add(box, "t", rx, 10, start=i)
+        sender.wake(["t"])
+    wait_until(lambda: box.counts()["delivered"] == 300, what="all delivered")
+    assert seqs(rx) == list(range(300))
+
+
 def test_reload_adds_and_removes_targets(box, rx, rx2, make_sender) -> None:
-    (orphan,) = add(box, "unknown", rx)
     sender, _ = make_sender(target("a", rx))
-    wait_until(lambda: status_of(box, orphan) == "dead", what="orphan dead")
-    assert box.get(orphan)["last_error"] == "target removed from config"
-    assert box.get(orphan)["attempts"] == 0
     # A new target gets a thread.
     sender.reload({"a": target("a", rx), "b": target("b", rx2)})
     (rb,) = add(box, "b", rx2)
@@ -421,7 +756,8 @@ def test_reload_adds_and_removes_targets(box, rx, rx2, make_sender) -> None:
     sender.reload({"b": target("b", rx2)})
     wait_until(lambda: all(status_of(box, i) == "dead" for i in ids), what="a's rows dead")
     assert box.counts()["pending"] == 0
-    wait_until(lambda: "a" not in sender._workers, what="a's thread gone")
+    wait_until(lambda: "a" not in sender.target_health(), what="a's health gone")
+    sender.wake(["a", "nobody"])  # unknown names are ignored
 
 
 def test_stop_leaves_the_rest_pending(box, rx, make_sender) -> None:
@@ -458,192 +794,37 @@ class CountingOutbox:
         return attr
 
 
-def test_idle_sender_touches_nothing_and_never_wakes(box, rx) -> None:
+def test_idle_sender_touches_nothing_and_never_wakes(box, rx, make_sender) -> None:
     counting = CountingOutbox(box)
-    sender = Sender(counting, {"t": target("t", rx), "u": target("u", rx)})  # type: ignore[arg-type]
-    sender.start()
-    try:
-        wait_until(lambda: counting.calls.count("next_due") >= 2, what="initial scan")
-        workers = list(sender._workers.values())
-        wait_until(lambda: all(w.sleeping for w in workers), what="both threads asleep")
-        beats = [w.beat for w in workers]
-        before = len(counting.calls)
-        time.sleep(0.5)  # idle: no database access, and no timer wakes a thread
-        assert len(counting.calls) == before
-        assert [w.beat for w in workers] == beats
-        assert all(w.sleeping for w in workers)
-        assert sender.heartbeat_age() == 0.0  # asleep waiting for work counts as alive
-        add(box, "t", rx)
-        sender.wake(["t"])
-        rx.wait_for(1)
-    finally:
-        sender.stop(1)
+    sender, _ = make_sender(target("t", rx), target("u", rx), outbox=counting)
+    wait_until(lambda: counting.calls.count("next_due") >= 2, what="initial scan")
+    wait_until(lambda: sender.heartbeat_age() == 0.0, what="both threads asleep")
+    before = len(counting.calls)
+    time.sleep(0.5)  # idle: no database access, and no timer wakes a thread
+    assert len(counting.calls) == before
+    assert sender.heartbeat_age() == 0.0  # asleep waiting for work counts as alive
+    add(box, "t", rx)
+    sender.wake(["t"])
+    rx.wait_for(1)
 
 
-def offer(box: Outbox, sender: Sender, name: str, rx: Receiver, n: int = 1, *,
-          start: int = 0) -> list[int]:
-    """Store rows and hand them over as the daemon does (commit, then offer)."""
-    rows = box.add_rows([NewDelivery(
-        target=name, event_id=f"ev{i}", url=rx.url + f"/hook?seq={i}", method="POST",
-        headers={"X-Seq": str(i)}, body=json.dumps({"seq": i}).encode(),
-        content_type="application/json", max_attempts=12, max_age=900.0)
-        for i in range(start, start + n)])
-    sender.offer(rows)
-    return [r.id for r in rows]
-
-
-def seqs(rx: Receiver) -> list[int]:
-    return [int(r.headers["x-seq"]) for r in rx.requests]
-
-
-def test_offered_rows_are_sent_without_reading_them_back(box, rx) -> None:
-    counting = CountingOutbox(box)
-    sender = Sender(counting, {"t": target("t", rx)})  # type: ignore[arg-type]
-    sender.start()
-    try:
-        wait_until(lambda: "next_due" in counting.calls, what="initial scan: queue empty")
-        wait_until(lambda: sender._workers["t"].sleeping, what="asleep, in sync")
-        counting.calls.clear()
-        for i in range(5):
-            offer(box, sender, "t", rx, start=i)
-            rx.wait_for(i + 1)
-        wait_until(lambda: box.counts()["delivered"] == 5, what="all marked delivered")
-        assert seqs(rx) == [0, 1, 2, 3, 4]
-        # one commit per delivery ("delivered"), no claim, no lease, no re-read
-        assert set(counting.calls) == {"mark_delivered"}
-        assert all(box.get(i)["attempts"] == 1 for i in range(1, 6))
-    finally:
-        sender.stop(1)
-
-
-def test_a_failed_offered_row_falls_back_to_the_database_in_order(box, rx) -> None:
+def test_target_health(box, rx, make_sender) -> None:
     rx.script(503, 200)
-    sender = Sender(box, {"t": target("t", rx)})
-    sender.start()
-    try:
-        wait_until(lambda: sender._workers["t"].in_sync, what="in sync")
-        ids = offer(box, sender, "t", rx, 1)
-        rx.wait_for(1)
-        ids += offer(box, sender, "t", rx, 4, start=1)  # behind the row backing off
-        wait_until(lambda: box.counts()["delivered"] == 5, what="all delivered")
-        assert seqs(rx) == [0, 0, 1, 2, 3, 4]  # one retry, nothing overtakes it
-        assert [box.get(i)["attempts"] for i in ids] == [2, 1, 1, 1, 1]
-        wait_until(lambda: sender._workers["t"].in_sync, what="back in sync")
-        offer(box, sender, "t", rx, 1, start=5)
-        rx.wait_for(7)
-        assert seqs(rx)[-1] == 5
-    finally:
-        sender.stop(1)
-
-
-def test_a_thread_backing_off_keeps_no_rows_in_memory(box, rx, monkeypatch) -> None:
-    monkeypatch.setattr(delivery, "BACKOFF_FIRST", (0.5, 0.5))
-    rx.script(503)
-    sender = Sender(box, {"t": target("t", rx)})
-    sender.start()
-    try:
-        worker = sender._workers["t"]
-        wait_until(lambda: worker.in_sync, what="in sync")
-        offer(box, sender, "t", rx, 1)
-        rx.wait_for(1)
-        wait_until(lambda: not worker.in_sync, what="out of sync: backing off")
-        for i in range(1, 30, 5):
-            offer(box, sender, "t", rx, 5, start=i)
-            assert len(worker.inbox) == 0  # in the database only
-        wait_until(lambda: box.counts()["delivered"] == 31, what="all delivered")
-        assert seqs(rx) == [0, *range(31)]
-    finally:
-        sender.stop(1)
-
-
-def test_an_overfull_inbox_is_read_back_from_the_database(box, rx, monkeypatch) -> None:
-    monkeypatch.setattr(delivery, "INBOX_MAX", 5)
-    sender = Sender(box, {"t": target("t", rx)})
-    sender.start()
-    try:
-        wait_until(lambda: sender._workers["t"].in_sync, what="in sync")
-        rx.script(Reply(200, delay=0.3))  # the first send holds the thread
-        offer(box, sender, "t", rx, 1)
-        rx.wait_for(1)
-        for i in range(1, 40, 3):
-            offer(box, sender, "t", rx, 3, start=i)
-        assert len(sender._workers["t"].inbox) <= 5
-        wait_until(lambda: box.counts()["delivered"] == 40, what="all delivered")
-        assert seqs(rx) == list(range(40))
-    finally:
-        sender.stop(1)
-
-
-def new_rows(name: str, rx: Receiver, n: int, start: int) -> list[NewDelivery]:
-    return [NewDelivery(
-        target=name, event_id=f"ev{i}", url=rx.url + f"/hook?seq={i}", method="POST",
-        headers={"X-Seq": str(i)}, body=json.dumps({"seq": i}).encode(),
-        content_type="application/json", max_attempts=12, max_age=900.0)
-        for i in range(start, start + n)]
-
-
-class Pausing:
-    """The sender's hand-over, with `inside` run right after the early offer (under
-    the outbox's lock, before the INSERT)."""
-
-    def __init__(self, inner: delivery.Handover, inside: Callable[[], None] | None) -> None:
-        self.inner = inner
-        self.inside = inside
-
-    def offer(self, rows: Any) -> None:
-        self.inner.offer(rows)
-        if self.inside is not None:
-            self.inside()
-
-    def settle(self, rows: Any) -> None:
-        self.inner.settle(rows)
-
-
-def hand_over(box: Outbox, sender: Sender, name: str, rx: Receiver, n: int = 1, *,
-              start: int = 0, inside: Callable[[], None] | None = None) -> list[int]:
-    """Store rows as the daemon does: handed to the sender before they are stored."""
-    rows = box.add_rows(new_rows(name, rx, n, start),
-                        handover=Pausing(sender.handover(), inside))
-    return [r.id for r in rows]
-
-
-def running_in(thread: threading.Thread, function: str) -> bool:
-    """True when `function` is on `thread`'s stack right now."""
-    frame = sys._current_frames().get(thread.ident or -1)
-    while frame is not None:
-        if frame.f_code.co_name == function:
-            return True
-        frame = frame.f_back
-    return False
-
-
-def test_unsendable_requests_are_final_and_quote_no_secret(box, rx, make_sender) -> None:
-    bad_header, bad_url, bad_scheme = box.add([
-        NewDelivery("t", "ev1", rx.url + "/h", "POST", {"Authorization": "Bearer tok\r\nX: y"},
-                    b"{}", "application/json", 5, 60),
-        NewDelivery("t", "ev2", rx.url + "/h?token=s3cr3t value", "POST", {}, b"{}",
-                    "application/json", 5, 60),
-        NewDelivery("t", "ev3", "ftp://127.0.0.1/x", "POST", {}, b"{}", "application/json",
-                    5, 60),
-    ])
-    (good,) = add(box, "t", rx)
-    make_sender(target("t", rx))
-    wait_until(lambda: status_of(box, good) == "delivered", what="the good row delivered")
-    for rid in (bad_header, bad_url, bad_scheme):
-        row = box.get(rid)
-        assert row["status"] == "dead" and row["attempts"] == 1
-        assert "tok" not in row["last_error"] and "s3cr3t" not in row["last_error"]
-    assert len(rx.requests) == 1
-
-
-def test_a_bad_secret_is_retried_not_fatal(box, rx, make_sender) -> None:
-    (rid,) = add(box, "t", rx)
-    sender, _ = make_sender(target("t", rx, signing=Signing("standard", ("whsec_%%%",))))
-    wait_until(lambda: box.get(rid)["attempts"] >= 2, what="two attempts")
-    assert box.get(rid)["last_error"].startswith("signing failed")
-    assert "%%%" not in box.get(rid)["last_error"]
-    sender.reload({"t": target("t", rx, signing=Signing("standard", (SECRET_OLD,)))})
-    wait_until(lambda: status_of(box, rid) == "delivered", what="delivered after the fix")
+    sender, _ = make_sender(target("t", rx), target("idle", rx))
+    assert sender.target_health()["t"] == {"last_success": None, "last_error": None,
+                                           "last_error_at": None}
+    before = time.time()
+    add(box, "t", rx)
+    sender.wake(["t"])
+    wait_until(lambda: box.counts()["delivered"] == 1, what="delivered")
+    health = sender.target_health()
+    assert health["idle"] == {"last_success": None, "last_error": None, "last_error_at": None}
+    t = health["t"]
+    assert t["last_error"] == "HTTP 503"
+    assert t["last_error_at"] is not None and t["last_success"] is not None
+    assert t["last_error_at"] <= t["last_success"]  # RFC 3339 UTC strings sort as times
+    assert t["last_success"].endswith("Z")
+    assert time.strftime("%Y-%m-%dT%H:%M", time.gmtime(before)) <= t["last_success"]
 
 
 class FlakyOutbox(CountingOutbox):
@@ -660,15 +841,38 @@ class FlakyOutbox(CountingOutbox):
         self.inner.mark_delivered(ids_with_status, now)
 
 
-def test_a_failed_write_is_retried_without_resending(box, rx, monkeypatch) -> None:
+def test_a_failed_write_is_retried_without_resending(box, rx, make_sender,
+                                                     monkeypatch) -> None:
     monkeypatch.setattr(delivery, "ERROR_PAUSE", 0.05)
     flaky = FlakyOutbox(box)
     add(box, "t", rx, 3)
-    sender = Sender(flaky, {"t": target("t", rx)})  # type: ignore[arg-type]
-    sender.start()
-    try:
-        wait_until(lambda: box.counts()["delivered"] == 3, what="delivered")
-        assert flaky.failed
-        assert [r.headers["x-seq"] for r in rx.requests] == ["0", "1", "2"]  # no resend
-    finally:
-        sender.stop(1)
+    make_sender(target("t", rx), outbox=flaky)
+    wait_until(lambda: box.counts()["delivered"] == 3, what="delivered")
+    assert flaky.failed
+    assert seqs(rx) == [0, 1, 2]  # no resend
+
+
+class FlakyRetryOutbox(CountingOutbox):
+    """An outbox whose first mark_retry fails."""
+
+    def __init__(self, inner: Outbox) -> None:
+        super().__init__(inner)
+        self.failed = False
+
+    def mark_retry(self, *args: Any) -> None:
+        if not self.failed:
+            self.failed = True
+            raise sqlite3.OperationalError("disk I/O error")
+        self.inner.mark_retry(*args)
+
+
+def test_a_failed_record_gives_the_row_back_at_once(box, rx, make_sender, monkeypatch) -> None:
+    """Recording an attempt fails: the row is not left leased (minutes) but tried again
+    after the error pause, still first in its queue."""
+    monkeypatch.setattr(delivery, "ERROR_PAUSE", 0.05)
+    flaky = FlakyRetryOutbox(box)
+    rx.script(503)
+    add(box, "t", rx, 2)
+    make_sender(target("t", rx), outbox=flaky)
+    wait_until(lambda: box.counts()["delivered"] == 2, timeout=5, what="delivered")
+    assert flaky.failed and seqs(rx) == [0, 0, 1]
