@@ -93,7 +93,15 @@ class DaemonProc:
         """SIGTERM and wait; returns the exit status."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-        rc = self.proc.wait(timeout)
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+            self._reader.join(5)
+            tail = "\n".join(self.lines[-80:])
+            raise AssertionError(
+                f"daemon did not stop within {timeout} s; its log:\n{tail}") from None
         self._reader.join(5)
         return rc
 

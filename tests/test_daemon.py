@@ -117,3 +117,38 @@ def test_check_summary_and_version(tmp_path: Path) -> None:
     ver = subprocess.run([EDGEHOOK, "--version"], capture_output=True, text=True, timeout=30)
     from edgehook import __version__
     assert ver.stdout.strip() == f"edgehook {__version__}"
+
+
+def _tgkill(pid: int, tid: int, sig: int) -> None:
+    """Send a signal to one thread of another process (glibc's tgkill)."""
+    import ctypes
+    import os
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.tgkill(pid, tid, sig) != 0:
+        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+
+
+def test_sigterm_that_lands_on_a_worker_thread_still_stops_the_daemon(
+        tmp_path: Path, write_config, daemon) -> None:
+    """The kernel may hand a process signal to any thread. Python runs the handler on
+    the main thread only once that wakes up: a main thread asleep in a read never
+    did, and the daemon ignored SIGTERM until systemd's SIGKILL."""
+    port = free_port()
+    cfg = write_config(CONFIG.format(state=tmp_path / "state", port=port, duration="1s"))
+    d = daemon(cfg, port=port)
+    d.wait_ready()
+    pid = d.proc.pid
+    workers = sorted(int(t.name) for t in Path(f"/proc/{pid}/task").iterdir()
+                     if int(t.name) != pid)
+    assert workers, "the daemon runs worker threads"
+    for tid in workers:  # the first worker that still exists (short-lived ones come and go)
+        try:
+            _tgkill(pid, tid, signal.SIGTERM)
+            break
+        except ProcessLookupError:
+            continue
+    else:
+        raise AssertionError("no worker thread to signal")
+    assert d.proc.wait(10) == 0
+    assert "stopped" in d.log

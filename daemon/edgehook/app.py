@@ -6,6 +6,7 @@ handlers only set flags; the main thread does the work (reload, stop).
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import signal
@@ -35,6 +36,7 @@ from .triggers import SilenceWatch, TimeTriggers
 
 _LOG = logging.getLogger(__name__)
 
+STOP_DUMP_AFTER = 10.0  # seconds into a stop before every thread's stack is logged
 STATUS_EVERY = 2.0          # at most one STATUS= update per this many seconds
 _MQTT_EVENT_TYPES = {"pressed": "press", "released": "release", "held": "hold",
                      "click": "click", "double_click": "double_click",
@@ -127,6 +129,10 @@ class Daemon:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         signal.signal(signal.SIGHUP, self._on_signal)
+        # A signal may land on any thread; the handler itself runs on the main thread
+        # only once it wakes up. The wakeup fd is written at C level by whichever
+        # thread got it, so the read below returns and the handler runs.
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         self.start()
         while not self._stopping:
             try:
@@ -136,6 +142,7 @@ class Daemon:
             if self._reloading and not self._stopping:
                 self._reloading = False
                 self.reload()
+        signal.set_wakeup_fd(-1)  # the pipe closes in stop()
         self.stop()
         return 0
 
@@ -159,6 +166,8 @@ class Daemon:
     def stop(self) -> None:
         """SIGTERM: finish in-flight work, publish offline, leave the outbox intact."""
         _LOG.info("stopping")
+        # a stop that hangs says where, in the journal, before systemd's kill
+        faulthandler.dump_traceback_later(STOP_DUMP_AFTER, exit=False)
         self.notifier.stopping()
         self.pinger.stop()
         self.http.stop()
@@ -182,6 +191,7 @@ class Daemon:
         for fd in fds:
             if fd >= 0:
                 os.close(fd)
+        faulthandler.cancel_dump_traceback_later()
         _LOG.info("stopped")
 
     def reload(self) -> None:
