@@ -421,3 +421,37 @@ def test_wal_stays_small_under_a_steady_stream(tmp_path: Path, gap: float) -> No
         assert real_counts(o)["delivered"] == 1500
     finally:
         o.close()
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "scrambled"])
+def test_a_corrupt_file_is_moved_aside_and_a_fresh_outbox_starts(
+        tmp_path: Path, damage: str) -> None:
+    path = tmp_path / "state" / "outbox.db"
+    o = Outbox(path)
+    o.add([item(i) for i in range(200)])
+    o.close()
+    data = path.read_bytes()
+    if damage == "garbage":
+        path.write_bytes(os.urandom(len(data)))
+    elif damage == "truncated":
+        path.write_bytes(data[: len(data) // 3])
+    else:  # every page but the first overwritten in its middle
+        page = ob.PAGE_SIZE
+        raw = bytearray(data)
+        for at in range(page, len(raw) - page, page):
+            raw[at + 100: at + 300] = os.urandom(200)
+        path.write_bytes(bytes(raw))
+    fresh = Outbox(path)
+    try:
+        aside = list(path.parent.glob("outbox.db.corrupt-*"))
+        assert len(aside) == 1 and aside[0].stat().st_size > 0  # kept for a human
+        assert fresh.counts() == {"pending": 0, "delivered": 0, "dead": 0}
+        assert fresh.corrupt_moved == 1
+        assert fresh.add([item(0)]) == [1]  # the doorbell keeps working
+    finally:
+        fresh.close()
+    again = Outbox(path)  # the file stays aside and is still counted (healthz: degraded)
+    try:
+        assert again.corrupt_moved == 1 and again.counts()["pending"] == 1
+    finally:
+        again.close()
