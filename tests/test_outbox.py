@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import sqlite3
@@ -62,9 +63,9 @@ def test_add_many_is_one_atomic_transaction(box: Outbox, monkeypatch: pytest.Mon
     assert ids == list(range(1, 101))
     assert box.counts()["pending"] == 100
     # A batch whose third row fails stores none of its rows.
-    monkeypatch.setattr(ob, "new_id", lambda now=None: "SAME")
-    with pytest.raises(ob.OutboxError, match="UNIQUE"):
-        box.add([item(i) for i in range(3)])
+    bad = dataclasses.replace(item(2), content_type=None)  # type: ignore[arg-type]
+    with pytest.raises(ob.OutboxError, match="NOT NULL"):
+        box.add([item(0), item(1), bad])
     assert box.counts() == real_counts(box) == {"pending": 100, "delivered": 0, "dead": 0}
 
 
@@ -158,8 +159,8 @@ def test_retry_all_dead_and_purge(box: Outbox) -> None:
 
 
 def test_prune_deletes_only_old_delivered(box: Outbox) -> None:
-    ids = box.add([item(i) for i in range(3)])
     now = time.time()
+    ids = box.add([item(0)], now - 3 * ob.RETENTION) + box.add([item(1), item(2)], now - 1)
     box.claim("t", 3, now)
     box.mark_delivered([(ids[0], 200)], now - 2 * ob.RETENTION)
     box.mark_delivered([(ids[1], 200)], now)
@@ -169,8 +170,8 @@ def test_prune_deletes_only_old_delivered(box: Outbox) -> None:
 
 
 def test_prune_piggybacks_on_writes(box: Outbox, monkeypatch: pytest.MonkeyPatch) -> None:
-    ids = box.add([item(i) for i in range(2)])
     now = time.time()
+    ids = box.add([item(0)], now - 20) + box.add([item(1)], now)
     box.claim("t", 2, now)
     box.mark_delivered([(ids[0], 200)], now - 10)
     monkeypatch.setattr(ob, "RETENTION", 5.0)
@@ -318,19 +319,36 @@ def test_daemon_holds_tells_whether_a_daemon_has_the_state_dir(tmp_path: Path) -
 
 # ---------------------------------------------------------------------- schema and plans
 
-V1_INDEX = "CREATE INDEX deliveries_status ON deliveries(status, id)"
+V1_TABLE = """CREATE TABLE deliveries (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, webhook_id TEXT NOT NULL UNIQUE,
+    event_id TEXT NOT NULL, target TEXT NOT NULL, url TEXT NOT NULL, method TEXT NOT NULL,
+    headers TEXT NOT NULL, body BLOB NOT NULL, content_type TEXT NOT NULL,
+    status TEXT NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'delivered', 'dead')),
+    attempts INTEGER NOT NULL DEFAULT 0, max_attempts INTEGER NOT NULL,
+    max_age REAL NOT NULL, created_at REAL NOT NULL, next_attempt_at REAL NOT NULL,
+    deadline REAL NOT NULL, lease_until REAL NOT NULL DEFAULT 0, last_error TEXT,
+    last_status INTEGER, delivered_at REAL, history TEXT NOT NULL DEFAULT '[]');
+CREATE INDEX deliveries_pending ON deliveries(target, id) WHERE status = 'pending';
+CREATE INDEX deliveries_status ON deliveries(status, id);"""
 
 
 def make_v1(path: Path) -> None:
-    """A file as version 1 of the schema left it: an index over every row's status."""
-    box = Outbox(path)
-    ids = box.add([item(i) for i in range(5)])
-    box.mark_delivered([(ids[0], 200), (ids[1], 200)], time.time())
-    box.mark_dead(ids[2], time.time(), "HTTP 400", 400)
-    box.close()
+    """A file as version 1 of the schema left it: AUTOINCREMENT, a UNIQUE webhook-id,
+    an index over every row's status, 4 KiB pages, WAL; 2 pending, 2 delivered, 1 dead."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     db = sqlite3.connect(path)
-    db.executescript(f"DROP INDEX deliveries_dead; DROP INDEX deliveries_delivered; {V1_INDEX};"
-                     " PRAGMA user_version = 1;")
+    db.executescript("PRAGMA page_size = 4096; PRAGMA journal_mode = WAL;" + V1_TABLE)
+    now = time.time()
+    for i, status in enumerate(["delivered", "delivered", "dead", "pending", "pending"]):
+        db.execute("INSERT INTO deliveries (webhook_id, event_id, target, url, method, headers,"
+                   " body, content_type, status, max_attempts, max_age, created_at,"
+                   " next_attempt_at, deadline, delivered_at) VALUES"
+                   " (?, 'e', 't', 'http://127.0.0.1:9/', 'POST', '{}', x'7b7d',"
+                   " 'application/json', ?, 3, 60, ?, ?, ?, ?)",
+                   (f"msg_{i}", status, now, now, now + 60,
+                    now if status == "delivered" else None))
+    db.execute("PRAGMA user_version = 1")
+    db.commit()
     db.close()
 
 
@@ -348,24 +366,27 @@ def test_a_version_1_file_is_migrated_on_open(tmp_path: Path, exclusive: bool) -
     make_v1(path)
     assert "deliveries_status" in indexes(path)
     box = Outbox(path, exclusive=exclusive)  # the daemon, or the CLI beside it
+    if exclusive:  # the daemon also rewrites it with small pages
+        with box.tx() as c:
+            assert c.execute("PRAGMA page_size").fetchone()[0] == ob.PAGE_SIZE
     try:
         with box.tx() as c:
-            assert c.execute("PRAGMA user_version").fetchone()[0] == ob.SCHEMA_VERSION == 2
-        assert set(indexes(path)) >= {"deliveries_pending", "deliveries_dead",
-                                      "deliveries_delivered"}
-        assert "deliveries_status" not in indexes(path)
+            assert c.execute("PRAGMA user_version").fetchone()[0] == ob.SCHEMA_VERSION == 3
+        # only the two partial indexes: no status index, no webhook-id index
+        assert set(indexes(path)) == {"deliveries_pending", "deliveries_dead"}
         assert box.counts() == {"pending": 2, "delivered": 2, "dead": 1}
         assert [r["status"] for r in box.list("dead")] == ["dead"]
         assert [r["status"] for r in box.list("pending")] == ["pending", "pending"]
         assert len(box.claim("t", 10, time.time())) == 2
+        assert box.add([item(9)]) == [6]  # ids go on after the old ones
     finally:
         box.close()
     Outbox(path).close()  # a second open finds it current and changes nothing
 
 
 def test_every_index_but_the_webhook_id_one_is_partial(box: Outbox) -> None:
-    """A new row writes the table and as few index pages as possible (issue 6): only
-    the webhook-id index and deliveries_pending take every new (pending) row."""
+    """A new row writes the table and as few index pages as possible: only
+    deliveries_pending takes every new (pending) row."""
     full = [name for name, sql in indexes(box.path).items()
             if sql is not None and " WHERE " not in sql.upper()]
     assert full == []
