@@ -17,14 +17,14 @@ EDGEHOOK=$REPO/.venv/bin/edgehook
 
 # Each start gets a fresh state directory (the harness starts the command several
 # times; $$ is the pid of the harness's `bash -c`, which execs into edgehook).
-STATE_ROOT=${BENCH_STATE_ROOT:-/tmp/edgehook-bench-state}
+STATE_ROOT=${BENCH_STATE_ROOT:-/var/tmp/edgehook-bench-state}  # a real disk: fsyncs cost what they cost
 rm -rf "$STATE_ROOT"
 mkdir -p "$STATE_ROOT"
 trap 'rm -rf "$STATE_ROOT"' EXIT
 
 SUT="edgehook|bench/edgehook|env BENCH_STATE=$STATE_ROOT/out-\$\$ $EDGEHOOK run -c $REPO/bench/edgehook-peer.yaml"
 ARGS=(--sut "$SUT")
-if grep -q '"/hooks/' "$REPO/daemon/edgehook/http_api.py"; then
+if grep -q '"/hooks/' "$REPO/daemon/edgehook/api.py"; then
   # the harness gives an inbound system BENCH_HTTP_PORT; our config reads BENCH_EDGEHOOK_HTTP
   INB="edgehook-sync|/hooks/relay|env BENCH_STATE=$STATE_ROOT/in-\$\$ BENCH_EDGEHOOK_HTTP=127.0.0.1:\$BENCH_HTTP_PORT $EDGEHOOK run -c $REPO/bench/edgehook-peer-hook.yaml"
   ARGS+=(--inbound "$INB")

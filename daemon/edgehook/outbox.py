@@ -40,8 +40,6 @@ One daemon per state directory: the outbox holds an exclusive ``flock`` on
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import json
 import logging
 import os
@@ -55,6 +53,18 @@ from typing import Any
 
 from .errors import EdgehookError
 from .events import compact_json, new_id, rfc3339
+from .outbox_file import (  # noqa: F401  (re-exported: the outbox's public names)
+    BUSY_TIMEOUT_MS,
+    PAGE_SIZE,
+    SCHEMA_VERSION,
+    SYNCHRONOUS,
+    OutboxLocked,
+    corrupt_files,
+    daemon_holds,
+    move_aside,
+    open_db,
+    take_dir_lock,
+)
 
 _LOG = logging.getLogger(__name__)
 
@@ -64,58 +74,11 @@ RETENTION = 24 * 3600.0      # delivered rows are kept this long, then pruned
 LEASE = 300.0                # default claim lease (seconds)
 PRUNE_EVERY = 600.0          # prune at most this often, and only alongside a write
 STATVFS_CACHE = 1.0          # seconds a free-space reading is reused
-BUSY_TIMEOUT_MS = 5000
 HISTORY_MAX = 50             # attempts kept per row (the oldest are dropped)
 WRITE_ERROR_HOLD = 60.0      # a failed write is reported this long once space is back
-SYNCHRONOUS = "FULL"         # every commit is fsynced before it returns (docstring)
-PAGE_SIZE = 1024             # bytes per page: a commit writes whole pages
 MARK_LAG = 2.0               # seconds a delivered mark may wait to share a commit
-LOCK_NAME = "edgehook.lock"
 STATUSES = ("pending", "delivered", "dead")
 
-_TABLE = """
-CREATE TABLE IF NOT EXISTS {name} (
-    id              INTEGER PRIMARY KEY,  -- the rowid: a new row is the newest id
-    webhook_id      TEXT    NOT NULL,     -- random (80 bits): unique without an index
-    event_id        TEXT    NOT NULL,
-    target          TEXT    NOT NULL,
-    url             TEXT    NOT NULL,
-    method          TEXT    NOT NULL,
-    headers         TEXT    NOT NULL,
-    body            BLOB    NOT NULL,
-    content_type    TEXT    NOT NULL,
-    status          TEXT    NOT NULL DEFAULT 'pending'
-                    CHECK (status IN ('pending', 'delivered', 'dead')),
-    attempts        INTEGER NOT NULL DEFAULT 0,
-    max_attempts    INTEGER NOT NULL,
-    max_age         REAL    NOT NULL,
-    created_at      REAL    NOT NULL,
-    next_attempt_at REAL    NOT NULL,
-    deadline        REAL    NOT NULL,
-    lease_until     REAL    NOT NULL DEFAULT 0,  -- unused: leases live in memory
-    last_error      TEXT,
-    last_status     INTEGER,
-    delivered_at    REAL,
-    history         TEXT    NOT NULL DEFAULT '[]'
-);
-"""
-# Every index is a page a commit may rewrite, and a commit writes whole pages to the
-# SD card: a new row writes the table and deliveries_pending, its delivered mark the
-# same two, and nothing else. Delivered rows need no index of their own: they are
-# listed and pruned along the rowid (ids grow with time).
-_SCHEMA = _TABLE.format(name="deliveries") + """
-CREATE INDEX IF NOT EXISTS deliveries_pending ON deliveries(target, id)
-    WHERE status = 'pending';
-CREATE INDEX IF NOT EXISTS deliveries_dead ON deliveries(id) WHERE status = 'dead';
-"""
-SCHEMA_VERSION = 3
-# 1 -> 2 dropped an index over every row's status. 2 -> 3 rebuilds the table without
-# AUTOINCREMENT (a sqlite_sequence page per insert) and the webhook_id UNIQUE index,
-# and drops deliveries_delivered: two to three pages fewer per event.
-_REBUILD = (_TABLE.format(name="deliveries_v3") +
-            " INSERT INTO deliveries_v3 SELECT * FROM deliveries;"
-            " DROP TABLE deliveries; ALTER TABLE deliveries_v3 RENAME TO deliveries;")
-_MIGRATIONS = {2: "DROP INDEX IF EXISTS deliveries_status;", 3: _REBUILD}
 # Pending and dead rows have an index of their own; naming it lets SQLite read only
 # it (counting, listing) rather than walk a table that holds a day of delivered rows.
 _STATUS_INDEX = {"pending": "deliveries_pending", "dead": "deliveries_dead"}
@@ -138,10 +101,6 @@ class OutboxError(EdgehookError, sqlite3.Error):
 
 class OutboxFull(OutboxError):
     """A delivery was refused: the row cap is reached or the disk is nearly full."""
-
-
-class OutboxLocked(EdgehookError):
-    """Another edgehook process holds this state directory."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,21 +142,6 @@ def _attempt(now: float, status: int | None, error: str | None) -> str:
     return json.dumps({"at": rfc3339(now), "status": status, "error": error})
 
 
-def daemon_holds(path: str | Path) -> bool:
-    """True when a daemon holds the state directory of the outbox at `path`."""
-    try:
-        fd = os.open(Path(path).parent / LOCK_NAME, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError:
-        return True
-    finally:
-        os.close(fd)  # also drops a lock this probe got
-    return False
-
-
 class Outbox:
     """The SQLite outbox of one state directory; thread-safe, one connection and a lock."""
 
@@ -218,7 +162,7 @@ class Outbox:
         self._depth = 0
         self._lock_fd: int | None = None
         if exclusive:
-            self._lock_fd = self._take_dir_lock()
+            self._lock_fd = take_dir_lock(self.path)
         self._free_at = -1e18
         self._free = 0
         self._write_error: tuple[float, str] | None = None
@@ -231,85 +175,24 @@ class Outbox:
         self._mark_timer: threading.Timer | None = None
         try:
             try:
-                self._db = self._open(exclusive)
+                self._db = open_db(self.path, exclusive)
             except sqlite3.DatabaseError as exc:
                 if not exclusive or isinstance(exc, sqlite3.OperationalError):
                     raise OutboxError(f"cannot open the outbox {self.path}: {exc}") from None
-                self._move_aside(exc)
-                self._db = self._open(exclusive)
+                move_aside(self.path, exc)
+                self._db = open_db(self.path, exclusive)
         except BaseException:
             self._release_dir_lock()
             raise
-        self.corrupt_moved = len(self._corrupt_files())
+        self.corrupt_moved = len(corrupt_files(self.path))
         self.recount()
         if exclusive:
             self.prune(time.time())
 
-    def _open(self, exclusive: bool) -> sqlite3.Connection:
-        """Connect, set the pragmas, create or migrate the schema, check the file."""
-        created = not self.path.exists()
-        db = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT_MS / 1000,
-                             isolation_level=None, check_same_thread=False)
-        try:
-            if created:
-                with contextlib.suppress(OSError):
-                    os.chmod(self.path, 0o600)  # rendered URLs and headers can carry tokens
-                db.execute(f"PRAGMA page_size = {PAGE_SIZE}")
-            db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            if exclusive and not created:
-                self._check(db)
-                self._resize_pages(db)
-            if db.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
-                db.execute("PRAGMA journal_mode = WAL")
-            db.execute(f"PRAGMA synchronous = {SYNCHRONOUS}")
-            db.execute("PRAGMA journal_size_limit = 4194304")  # keep the WAL file small
-            if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'deliveries'"
-                          ).fetchone() is None:
-                db.executescript(f"BEGIN IMMEDIATE; {_SCHEMA}"
-                                 f" PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
-            else:
-                self._migrate(db)
-            if created:
-                _fsync_dir(self.path.parent)  # the new file's name survives a power cut
-        except BaseException:
-            db.close()
-            raise
-        return db
-
-    @staticmethod
-    def _check(db: sqlite3.Connection) -> None:
-        """Raise sqlite3.DatabaseError unless the file reads as a sound database."""
-        result = db.execute("PRAGMA quick_check").fetchone()
-        if result is None or result[0] != "ok":
-            raise sqlite3.DatabaseError(f"quick_check: {result[0] if result else 'no answer'}")
-
-    @staticmethod
-    def _resize_pages(db: sqlite3.Connection) -> None:
-        """Rewrite an older file with ``PAGE_SIZE`` pages (once; VACUUM needs the
-        rollback journal for that, WAL is switched back on right after)."""
-        if db.execute("PRAGMA page_size").fetchone()[0] == PAGE_SIZE:
-            return
-        db.execute("PRAGMA journal_mode = DELETE")
-        db.execute(f"PRAGMA page_size = {PAGE_SIZE}")
-        db.execute("VACUUM")
-        _LOG.info("outbox: rewritten with %d-byte pages", PAGE_SIZE)
-
-    def _corrupt_files(self) -> list[Path]:
-        return sorted(p for p in self.path.parent.glob(self.path.name + ".corrupt-*")
-                      if not p.name.endswith(("-wal", "-shm")))
-
-    def _move_aside(self, exc: Exception) -> None:
-        """Rename a corrupt outbox (and its WAL) out of the way, loudly."""
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
-        for suffix in ("", "-wal", "-shm"):
-            src = Path(str(self.path) + suffix)
-            if src.exists():
-                os.replace(src, Path(str(aside) + suffix))
-        _fsync_dir(self.path.parent)
-        _LOG.error("OUTBOX CORRUPT: %s could not be read (%s); moved aside as %s and a fresh "
-                   "outbox started. Undelivered webhooks in it were NOT sent; keep the file "
-                   "for inspection or delete it.", self.path, exc, aside)
+    def _release_dir_lock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor drops the flock
+            self._lock_fd = None
 
     @property
     def max_rows(self) -> int:
@@ -322,36 +205,6 @@ class Outbox:
         return MIN_FREE_BYTES if self._min_free_bytes is None else self._min_free_bytes
 
     # ------------------------------------------------------------------ plumbing
-
-    @staticmethod
-    def _migrate(db: sqlite3.Connection) -> None:
-        """Bring an older file's schema up to SCHEMA_VERSION (the daemon does, at open)."""
-        version = db.execute("PRAGMA user_version").fetchone()[0]
-        if version >= SCHEMA_VERSION:
-            return
-        steps = "".join(_MIGRATIONS.get(v, "") for v in range(version + 1, SCHEMA_VERSION + 1))
-        db.executescript(f"BEGIN IMMEDIATE; {steps} {_SCHEMA}"
-                         f" PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
-        _LOG.info("outbox: schema version %d -> %d", version, SCHEMA_VERSION)
-
-    def _take_dir_lock(self) -> int:
-        lock_path = self.path.parent / LOCK_NAME
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise OutboxLocked(
-                    f"another edgehook daemon is using the state directory {self.path.parent} "
-                    f"(it holds {lock_path})") from None
-            raise
-        return fd
-
-    def _release_dir_lock(self) -> None:
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)  # closing the descriptor drops the flock
-            self._lock_fd = None
 
     @contextlib.contextmanager
     def tx(self) -> Iterator[sqlite3.Connection]:
@@ -825,17 +678,3 @@ def _delete_delivered_before(c: sqlite3.Connection, cutoff: float) -> int:
     bound = first_new[0] if first_new else (1 << 62)
     return c.execute("DELETE FROM deliveries WHERE id < ? AND status = 'delivered'"
                      " AND delivered_at < ?", (bound, cutoff)).rowcount
-
-
-def _fsync_dir(path: Path) -> None:
-    """fsync a directory, so a file created or renamed in it survives a power cut."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

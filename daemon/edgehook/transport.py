@@ -189,24 +189,24 @@ class _Response(http.client.HTTPResponse):
         raise http.client.HTTPException(f"more than {MAX_INTERIM} interim (1xx) responses")
 
 
-class _Conn(HTTPConnection):
+class _Tracked:
+    """A connection that tells the attempt in progress when it opens a new socket."""
+
     response_class = _Response
 
     def _new_conn(self) -> socket.socket:
         budget = getattr(_CURRENT, "budget", None)
         if budget is not None:
             budget.opened = True
-        return _adopt(super()._new_conn())
+        return _adopt(super()._new_conn())  # type: ignore[misc]
 
 
-class _TLSConn(HTTPSConnection):
-    response_class = _Response
+class _Conn(_Tracked, HTTPConnection):
+    pass
 
-    def _new_conn(self) -> socket.socket:
-        budget = getattr(_CURRENT, "budget", None)
-        if budget is not None:
-            budget.opened = True
-        return _adopt(super()._new_conn())
+
+class _TLSConn(_Tracked, HTTPSConnection):
+    pass
 
 
 class _Pool(HTTPConnectionPool):
