@@ -10,7 +10,7 @@ for it (`include-command-output-in-response`), i.e. its synchronous mode.
 
 Load comes from `wrk` (Debian `wrk`) in its own process, keep-alive connections,
 after a 1 s warm-up. The hook's rate limit is raised for the benchmark (the default,
-30 per minute, would answer 429 after the first 30). Target (issue 6): at c=16
+30 per minute, would answer 429 after the first 30). Target: at c=16
 edgehook's req/s >= 1.5 x webhook's, p99 <= 10 ms. Results also go to bench/results/.
 
 BENCH_PY_PREFIX=script.py runs the daemon as `.venv/bin/python script.py run -c ...`

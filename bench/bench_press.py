@@ -23,7 +23,7 @@ The references, interleaved with the presses so that both see the same machine:
 
 Latency of a reference = its call (request built, written) -> arrival; of a press =
 edge -> arrival.
-Target (issue 6): press p99 at most 1.5x the bare single POST's p99.
+Target: press p99 at most 1.5x the bare single POST's p99.
 
     .venv/bin/python bench/bench_press.py [--samples 2000] [--json]
 """

@@ -33,7 +33,7 @@ compact_json = json.JSONEncoder(separators=(",", ":")).encode
 _FROM_RFC4648 = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", _CROCKFORD.encode())
 # Random bits drawn from the OS a pool at a time: os.urandom is a system call (18 us
 # here), it was two of them per press on the press -> webhook path, and each one let
-# another thread take the GIL mid-event (issue 6). The pool is the same CSPRNG output.
+# another thread take the GIL mid-event. The pool is the same CSPRNG output.
 _POOL_SIZE = 4096
 _pool = b""
 _pool_at = 0
