@@ -143,3 +143,73 @@ def test_pins_simulated_at_start_stay_simulated_across_a_reload(daemon: Daemon) 
     assert daemon.cfg.gpio.backend == "mock" and daemon.gpio.backend == "mock"
     daemon.simulate("bell", "click")
     wait_until(lambda: daemon.gpio.output_state("light")["state"] == "on", what="sim works")
+
+
+@pytest.fixture()
+def tiny_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MiB tmpfs: a disk that really fills up (needs root, as CI has)."""
+    import os
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_really_full_disk_acknowledges_nothing_switches_outputs_and_recovers(
+        tiny_disk: Path, sink: Receiver, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the free-space guard out of the way, SQLite itself meets ENOSPC: a hook
+    is answered 503 (not 2xx), the light still switches, nothing is sent that was not
+    stored; once space is back the next hook is stored and delivered."""
+    import requests
+
+    monkeypatch.setattr(ob, "MIN_FREE_BYTES", 0)  # let the disk fill for real
+    port = free_port()
+    cfg = tiny_disk / "c.yaml"
+    cfg.write_text(CONFIG.format(state=tiny_disk / "state", port=port, sink=sink.url)
+                   + "hooks:\n  door: {auth: none}\n")
+    text = cfg.read_text().replace("rules:\n", "rules:\n  - name: hooked\n"
+                                   "    when: {hook: door}\n"
+                                   "    do: [{webhook: sink}, {output: light, set: on}]\n", 1)
+    cfg.write_text(text)
+    d = Daemon(load_config(cfg, environ={}), pin_factory=MockFactory())
+    d.start()
+    try:
+        url = f"http://127.0.0.1:{port}/hooks/door"
+        filler = tiny_disk / "filler"
+        with open(filler, "wb") as f:  # fill the disk to the last byte
+            try:
+                while True:
+                    f.write(b"\0" * 65536)
+                    f.flush()
+            except OSError:
+                pass
+        # a commit that still fits in space SQLite already has is durable (202);
+        # the first that needs a new block is refused
+        accepted, refused = [], None
+        for n in range(400):
+            r = requests.post(url, json={"n": n}, timeout=15)
+            if r.status_code == 503:
+                refused = r
+                break
+            assert r.status_code == 202
+            accepted.append(n)
+        assert refused is not None, "the full disk never refused a hook"
+        assert refused.json()["error"] == "storage_unavailable"
+        assert "Retry-After" in refused.headers
+        assert d.gpio.output_state("light")["state"] == "on"  # outputs still switch
+        assert not d.health()[0], (refused.json(), d.health())
+        filler.unlink()  # space is back
+        r = requests.post(url, json={"n": "after"}, timeout=15)
+        assert r.status_code == 202
+        sink.wait_for(len(accepted) + 1, timeout=30)
+        got = [json.loads(q.body)["data"]["body"]["n"] for q in sink.requests]
+        assert set(got) == {*accepted, "after"}  # every 202 delivered; the 503 one never
+    finally:
+        d.stop()

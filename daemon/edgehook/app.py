@@ -380,6 +380,8 @@ class Daemon:
             sender_age=self.sender.heartbeat_age(), mqtt=st, mqtt_down_for=down,
             unstored=self.dispatcher.unstored, store_failures=self.dispatcher.store_failures,
             last_store_error=self.dispatcher.last_store_error,
+            store_failed_ago=(time.monotonic() - self.dispatcher.last_store_failure
+                              if self.dispatcher.last_store_failure else None),
             corrupt_moved=self.outbox.corrupt_moved)
 
     def health(self) -> tuple[bool, dict[str, Any]]:

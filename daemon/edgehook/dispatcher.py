@@ -166,6 +166,7 @@ class Dispatcher:
         self.store_failures = 0      # webhooks that failed to store at least once
         self.unstored_dropped = 0    # events whose webhooks were given up (memory cap)
         self.last_store_error: str | None = None
+        self.last_store_failure = 0.0  # monotonic time of the last failed store (0: never)
         self._unstored: deque[_Unstored] = deque()
         self._next_store_retry = 0.0
         self._busy_since: float | None = None
@@ -289,6 +290,7 @@ class Dispatcher:
             return None
         self.store_failures += len(calls)
         self.last_store_error = error
+        self.last_store_failure = time.monotonic()
         return error
 
     def _keep(self, event: Event, calls: list[WebhookCall], ack: Ack | None) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 
 MQTT_DEGRADED_AFTER = 60.0  # seconds disconnected before /healthz says degraded
 SENDER_STALE_AFTER = 120.0  # seconds without a sender heartbeat before "unhealthy"
+STORE_FAILURE_HOLD = 60.0   # seconds a failed store stays a problem (hooks got 503s)
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +29,7 @@ class Snapshot:
     mqtt_down_for: float = 0.0
     unstored: int = 0                        # events whose webhooks wait in memory
     store_failures: int = 0
+    store_failed_ago: float | None = None    # seconds since the last failed store
     last_store_error: str | None = None
     corrupt_moved: int = 0                   # corrupt outbox files moved aside
     extra: dict[str, Any] = field(default_factory=dict)
@@ -51,10 +53,14 @@ def verdict(s: Snapshot) -> tuple[bool, dict[str, Any]]:
         problems.append(f"outbox: {s.outbox_why}")
     if s.unstored:
         why = f"{s.unstored} event(s) not stored yet ({s.last_store_error or 'outbox refused'})"
-        checks["storage"] = why
-        problems.append(f"storage: {why}")
+    elif s.store_failed_ago is not None and s.store_failed_ago < STORE_FAILURE_HOLD:
+        why = (f"webhooks could not be stored {s.store_failed_ago:.0f} s ago "
+               f"({s.last_store_error or 'outbox refused'})")
     else:
-        checks["storage"] = "ok"
+        why = ""
+    checks["storage"] = why or "ok"
+    if why:
+        problems.append(f"storage: {why}")
     stale = s.sender_age >= SENDER_STALE_AFTER
     checks["sender"] = f"no heartbeat for {s.sender_age:.0f} s" if stale else "ok"
     if stale:
