@@ -170,6 +170,7 @@ class Outbox:
         self._changes_seen = 0
         self._closed = False
         self._leased: dict[int, float] = {}     # claimed row id -> lease end (memory only)
+        self._claimed: dict[int, str] = {}      # claimed row id -> its target
         self._settled: dict[int, str] = {}      # delivered in memory, not written: id -> target
         self._marks: list[tuple[Any, ...]] = []  # their UPDATE arguments
         self._mark_timer: threading.Timer | None = None
@@ -330,13 +331,18 @@ class Outbox:
                                 r[8], r[9], r[10], r[11], r[12], r[13]))
             for row in rows:
                 self._leased[row.id] = now + lease
+                self._claimed[row.id] = row.target
         return rows
+
+    def _unlease(self, row_id: int) -> None:
+        self._leased.pop(row_id, None)
+        self._claimed.pop(row_id, None)
 
     def release(self, ids: Sequence[int]) -> None:
         """Give back leases of claimed rows that were not attempted (stop, head backing off)."""
         with self._lock:
             for i in ids:
-                self._leased.pop(i, None)
+                self._unlease(i)
 
     def next_due(self, target: str) -> float | None:
         """When the head of a target's queue is due (None: nothing pending).
@@ -364,10 +370,11 @@ class Outbox:
         with self._lock:
             n = 0
             for row_id, status in ids_with_status:
-                self._leased.pop(row_id, None)
+                claimed = self._claimed.get(row_id)
+                self._unlease(row_id)
                 if row_id in self._settled:
                     continue
-                target = self._target_of(row_id)
+                target = claimed or self._target_of(row_id)
                 if target is None:
                     continue  # not pending any more (dropped, or marked by someone else)
                 self._settled[row_id] = target
@@ -427,7 +434,7 @@ class Outbox:
                    status: int | None) -> None:
         """Record a failed attempt and when to try again."""
         with self.tx() as c:
-            self._leased.pop(id, None)
+            self._unlease(id)
             c.execute(
                 f"UPDATE deliveries SET attempts = attempts + 1, {_HISTORY_APPEND},"
                 f" next_attempt_at = ?, last_error = ?, last_status = ?, lease_until = 0"
@@ -442,7 +449,7 @@ class Outbox:
             attempt, target removed): the attempt count and history stay as they are.
         """
         with self._lock:
-            self._leased.pop(id, None)
+            self._unlease(id)
             with self.tx() as c:
                 if attempted:
                     cur = c.execute(
@@ -521,7 +528,7 @@ class Outbox:
                 if r is None:
                     return False
                 c.execute("DELETE FROM deliveries WHERE id = ?", (id,))
-            self._leased.pop(id, None)
+            self._unlease(id)
             self._apply({r[0]: -1})
         _LOG.warning("outbox: row %d (%s) dropped by the user", id, r[0])
         return True
@@ -535,6 +542,7 @@ class Outbox:
                                        (status, target)).rowcount
                      for status in ("pending", "dead")}
             self._leased.clear()  # the target's worker claims afresh
+            self._claimed.clear()
             self._apply({s: -k for s, k in n.items()})
         total = sum(n.values())
         if total:
