@@ -56,7 +56,9 @@ MAX_REQUEST_LINE = 8192    # bytes; longer is 414
 MAX_HEADER_LINE = 8192     # bytes of one header (name, value); longer is 431
 MAX_HEADERS = 64           # headers; more is 431
 MAX_HEAD_BYTES = 32768     # all headers together; more is 431
-POLL_INTERVAL = 0.5        # seconds serve_forever waits between looks at stop()
+# serve_forever sleeps in select() with no timeout: an idle daemon never wakes for
+# it; stop() wakes it with a connection to itself (see HttpServer.stop)
+POLL_INTERVAL = None
 _BUSY_BODY = b'{"error":"busy","detail":"too many connections; retry shortly"}'
 _BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
          b"Retry-After: 1\r\nConnection: close\r\nContent-Length: "
@@ -429,6 +431,23 @@ class HttpServer:
     def stop(self) -> None:
         """Stop accepting; requests in flight finish on their own threads."""
         if self._thread is not None:
-            self.httpd.shutdown()
+            stopper = threading.Thread(target=self.httpd.shutdown, daemon=True)
+            stopper.start()
+            deadline = time.monotonic() + 2
+            while stopper.is_alive() and time.monotonic() < deadline:
+                self._wake()  # the loop sees the shutdown request once select() returns
+                stopper.join(0.05)
             self._thread.join(timeout=2)
         self.httpd.server_close()
+
+    def _wake(self) -> None:
+        """Connect to our own listener, so that serve_forever's select() returns."""
+        host, port = self.httpd.server_address[:2]
+        if host in ("0.0.0.0", ""):
+            host = "127.0.0.1"
+        elif host == "::":
+            host = "::1"
+        try:
+            socket.create_connection((host, port), timeout=0.5).close()
+        except OSError:
+            pass  # nothing to wake: the loop has ended already
