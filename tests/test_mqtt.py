@@ -455,3 +455,9 @@ def test_reload_removes_entities_and_changes_subscriptions(
     probe.publish("new/x", "here")
     assert h.event().data["topic"] == "new/x"
     assert h.events.empty()
+
+
+def test_a_payload_nested_too_deep_to_parse_is_text_not_a_traceback() -> None:
+    deep = b"[" * 100_000 + b"]" * 100_000
+    value, b64 = decode_payload(deep)
+    assert value == deep.decode() and b64 is False

@@ -477,3 +477,13 @@ def test_a_corrupt_file_is_moved_aside_and_a_fresh_outbox_starts(
         assert again.corrupt_moved == 1 and again.counts()["pending"] == 1
     finally:
         again.close()
+
+
+def test_a_requeued_dead_row_no_longer_shows_its_old_error(box: Outbox) -> None:
+    (row_id,) = box.add([item(0)])
+    box.mark_dead(row_id, time.time(), "max_attempts (3) reached", 503)
+    assert box.get(row_id)["last_error"] == "max_attempts (3) reached"
+    assert box.retry(row_id, time.time())
+    row = box.get(row_id)
+    assert row is not None and row["status"] == "pending" and row["last_error"] is None
+    assert row["history"] and row["history"][-1]["status"] == 503  # the attempt is kept

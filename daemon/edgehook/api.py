@@ -366,9 +366,10 @@ class Api:
         state = self.backend.state()
         events = [{**e, "summary": event_summary(e)} for e in self.backend.recent_events()[:50]]
         dead = self.backend.outbox_list("dead")[:RECENT_DEAD]
+        pending = self.backend.outbox_list("pending")[:RECENT_DEAD]
         nonce = secrets.token_urlsafe(16)
         logout = self.api_token is not None and req.headers.get("Authorization") is None
-        return _html(status_page(state, events, dead, nonce, logout), nonce)
+        return _html(status_page(state, events, dead, nonce, logout, pending), nonce)
 
 
 def _unavailable(error: str, detail: str, event_id: str, retry_after: int) -> Response:
