@@ -212,3 +212,66 @@ def test_on_stop_off_reaches_the_retained_state_before_the_link_closes(
     assert d.stop() == 0
     msg = retained(mosquitto, topic)
     assert msg is not None and msg.payload == b"OFF"
+
+
+BURST = """\
+device: {{id: burst, name: Burst}}
+state_dir: {state}
+gpio: {{backend: mock}}
+mqtt: {{host: 127.0.0.1, port: {mqtt_port}, client_id: edgehook-burst,
+        homeassistant: {{discovery: false}}}}
+http: {{listen: "127.0.0.1:{port}"}}
+webhooks:
+  sink: {{url: "{sink}/burst"}}
+rules:
+  - when: {{mqtt: "burst/in"}}
+    do:
+      - webhook: sink
+        body: {{n: "{{{{ event.payload.n }}}}"}}
+"""
+
+
+def test_kill_9_aimed_into_a_burst_loses_no_acknowledged_message(
+        tmp_path: Path, write_config, daemon, mosquitto: Mosquitto) -> None:
+    """A QoS 1 message is PUBACKed only once its row is on disk: SIGKILL in the middle
+    of an 800-message burst, and the restarted daemon (same session) delivers them all,
+    the ones it had stored and the ones the broker still held for it."""
+    import threading
+
+    n = 800
+    port = free_port()
+    sink_port = free_port()  # nobody listens there during the burst
+    text = BURST.format(state=tmp_path / "state", mqtt_port=mosquitto.port, port=port,
+                        sink=f"http://127.0.0.1:{sink_port}")
+    cfg = write_config(text)
+    d = daemon(cfg, port=port)
+    d.wait_ready()
+    wait_until(lambda: connected(d), what="daemon connected")
+    with MqttProbe(mosquitto) as probe:
+        publisher = threading.Thread(
+            target=lambda: [probe.publish("burst/in", json.dumps({"n": i})) for i in range(n)])
+        publisher.start()
+        wait_until(lambda: d.api("GET", "/api/v1/state").json()["outbox"]["pending"] >= 150,
+                   timeout=20, what="part of the burst stored")
+        d.signal(signal.SIGKILL)
+        assert d.proc.wait(10) == -signal.SIGKILL
+        publisher.join(30)  # every message is with the broker (PUBACK from it)
+        assert not publisher.is_alive()
+    sink = Receiver(port=sink_port).start()  # the receiver is up for the restart
+    try:
+        again = daemon(cfg, port=port)
+        again.wait_ready()
+        try:
+            wait_until(lambda: len({json.loads(r.body)["n"] for r in sink.requests}) >= n,
+                       timeout=60, what="every message delivered after the restart")
+        except AssertionError:
+            got = {int(json.loads(r.body)["n"]) for r in sink.requests}
+            missing = sorted(set(range(n)) - got)
+            raise AssertionError(f"{len(got)} delivered, missing {missing[:20]}..{missing[-5:]}"
+                                 f" ({len(missing)}); outbox "
+                                 f"{again.api('GET', '/api/v1/state').json()['outbox']}; log:\n"
+                                 + "\n".join(again.lines[-15:])) from None
+        assert {json.loads(r.body)["n"] for r in sink.requests} == {str(i) for i in range(n)}
+        assert again.stop() == 0
+    finally:
+        sink.stop()
