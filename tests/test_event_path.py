@@ -213,3 +213,36 @@ def test_a_really_full_disk_acknowledges_nothing_switches_outputs_and_recovers(
         assert set(got) == {*accepted, "after"}  # every 202 delivered; the 503 one never
     finally:
         d.stop()
+
+
+def test_fixing_a_targets_url_and_reloading_sends_the_waiting_row_at_once(
+        tmp_path: Path, sink: Receiver) -> None:
+    """A row backing off after failures against a wrong URL must not wait out that
+    backoff once the URL is fixed: the reload makes it due, and it goes to the new URL
+    with the same webhook-id."""
+    from datetime import datetime
+
+    wrong = f"http://127.0.0.1:{free_port()}"
+    path = tmp_path / "c.yaml"
+    text = CONFIG.format(state=tmp_path / "state", port=free_port(), sink=sink.url)
+    path.write_text(text.replace(sink.url, wrong))
+    d = Daemon(load_config(path, environ={}), pin_factory=MockFactory())
+    d.start()
+    try:
+        d.simulate("bell", "click")
+
+        def backing_off() -> bool:
+            rows = d.outbox.list("pending")
+            if not rows or not rows[-1]["next_attempt_at"] or not rows[-1]["attempts"]:
+                return False
+            due = datetime.fromisoformat(rows[-1]["next_attempt_at"]).timestamp()
+            return due - time.time() > 2.0
+
+        wait_until(backing_off, timeout=30, what="the row backing off for more than 2 s")
+        path.write_text(text)  # the URL fixed
+        t0 = time.monotonic()
+        d.reload()
+        sink.wait_for(1, timeout=5)
+        assert time.monotonic() - t0 < 1.5  # not after the backoff
+    finally:
+        d.stop()

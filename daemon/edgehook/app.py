@@ -243,6 +243,13 @@ class Daemon:
         # only the new config has (the store looks targets up in self.cfg)
         self.cfg = new
         self.dispatcher.engine = engine  # swapped as one reference
+        now = time.time()
+        for name, target in new.webhooks.items():
+            if name in old.webhooks and old.webhooks[name] != target:
+                n = self.outbox.make_due(name, now)
+                if n:
+                    _LOG.info("webhook %s changed: its %d waiting delivery(ies) are tried now",
+                              name, n)
         self.sender.reload(new.webhooks)  # senders re-read their queues from the file
         self.outbox.recount()  # a CLI may have changed the file while the API was away
         if self.time_triggers:

@@ -496,6 +496,14 @@ class Outbox:
             self._apply({"dead": -1, "pending": 1})
         return True
 
+    def make_due(self, target: str, now: float) -> int:
+        """Make a target's waiting rows due now (its config changed: a fixed URL must
+        not wait out a backoff computed for the broken one); returns how many."""
+        with self.tx() as c:
+            return c.execute("UPDATE deliveries SET next_attempt_at = ? WHERE status ="
+                             " 'pending' AND target = ? AND next_attempt_at > ?",
+                             (now, target, now)).rowcount
+
     def retry_all_dead(self, now: float) -> int:
         """Make every dead row pending again (see :meth:`retry`); returns how many."""
         with self._lock:

@@ -46,6 +46,13 @@ class Static:
     def __repr__(self) -> str:
         return f"Static({self.source!r})"
 
+    def __eq__(self, other: object) -> bool:
+        """Equal when the source is: a reload can tell what really changed."""
+        return isinstance(other, Static) and other.source == self.source
+
+    def __hash__(self) -> int:
+        return hash(('Static', self.source))
+
 
 class Jinja:
     """A compiled sandboxed Jinja2 template with StrictUndefined."""
@@ -69,6 +76,13 @@ class Jinja:
 
     def __repr__(self) -> str:
         return f"Jinja({self.source!r})"
+
+    def __eq__(self, other: object) -> bool:
+        """Equal when the source is: a reload can tell what really changed."""
+        return isinstance(other, Jinja) and other.source == self.source
+
+    def __hash__(self) -> int:
+        return hash(('Jinja', self.source))
 
 
 def _environment() -> Any:
