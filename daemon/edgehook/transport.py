@@ -6,11 +6,9 @@ origin, and a ``ProxyManager`` per proxy when the environment names one. On top 
 urllib3 this module adds only what a webhook sender needs and urllib3 leaves to
 its caller:
 
-- **One deadline per attempt.** urllib3's timeouts bound each socket operation, so a
-  server that trickles a byte now and then could hold an attempt for ever. Our
-  connections make their sockets as :class:`_Metered` ones, which set the socket
-  timeout to what is left of the attempt before every read and write (and refuse
-  a response larger than ``MAX_RESPONSE`` plus headroom for its head and framing).
+- **One deadline per attempt** and a cap on what an answer may send: the pools of
+  metered.py hold every socket read and write to what is left of the attempt
+  (a server that trickles a byte now and then cannot hold it for ever).
 - **A stale keep-alive connection is retried once,** on a fresh connection, when the
   server dropped it just as the request went out (urllib3 retries a POST only if
   told to retry every error, which would also send a request twice after a fresh
@@ -43,7 +41,6 @@ import http.client
 import logging
 import os
 import re
-import socket
 import ssl
 import threading
 import time
@@ -53,16 +50,15 @@ from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
 import urllib3
-from urllib3.connection import HTTPConnection, HTTPSConnection
-from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import HTTPError as Urllib3Error
 from urllib3.exceptions import LocationParseError, ProxyError, ProxySchemeUnknown
 from urllib3.util import Timeout, make_headers
 
+from .metered import CURRENT, POOLS, Budget, MeteredSSLSocket, ResponseTooLarge
+
+NUMPOOLS = 4           # origins (and so keep-alive connections) kept open per target
 MAX_RESPONSE = 1 << 20  # larger response bodies are not read; the connection is dropped
 HEAD_ROOM = 1 << 17     # bytes of status lines, headers and chunk framing allowed on top
-MAX_INTERIM = 10        # 1xx answers skipped before the real one; more is a broken server
-NUM_POOLS = 4           # origins (and so keep-alive connections) kept open per target
 ERROR_MAX = 300         # characters of an error text kept
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -91,133 +87,6 @@ class TlsFiles(Protocol):
     key_file: str | None
 
 
-# --------------------------------------------------------------------------- the attempt's budget
-
-class _Budget:
-    """The current attempt of this thread: its deadline, the bytes it may still read,
-    and whether it had to open a connection (then a dropped one is no stale one)."""
-
-    __slots__ = ("deadline", "left", "opened")
-
-    def __init__(self, deadline: float) -> None:
-        self.deadline = deadline
-        self.left = MAX_RESPONSE + HEAD_ROOM
-        self.opened = False
-
-
-_CURRENT = threading.local()  # .budget: the _Budget of the thread's attempt, or None
-
-
-class ResponseTooLarge(OSError):
-    """The answer is larger than ``MAX_RESPONSE`` (plus room for its head)."""
-
-
-def _remaining() -> tuple[_Budget | None, float]:
-    budget: _Budget | None = getattr(_CURRENT, "budget", None)
-    if budget is None:
-        return None, 0.0
-    left = budget.deadline - time.monotonic()
-    if left <= 0:
-        raise TimeoutError("timed out")
-    return budget, left
-
-
-class _Metered:
-    """Socket methods that hold every read and write to the attempt's deadline and
-    count the bytes read (mixed into the plain and the TLS socket classes)."""
-
-    def recv_into(self, *args: Any, **kwargs: Any) -> int:
-        budget, left = _remaining()
-        if budget is not None:
-            self.settimeout(left)  # type: ignore[attr-defined]
-        n: int = super().recv_into(*args, **kwargs)  # type: ignore[misc]
-        if budget is not None:
-            budget.left -= n
-            if budget.left < 0:
-                raise ResponseTooLarge("response too large")
-        return n
-
-    def recv(self, *args: Any, **kwargs: Any) -> bytes:
-        budget, left = _remaining()
-        if budget is not None:
-            self.settimeout(left)  # type: ignore[attr-defined]
-        data: bytes = super().recv(*args, **kwargs)  # type: ignore[misc]
-        if budget is not None:
-            budget.left -= len(data)
-            if budget.left < 0:
-                raise ResponseTooLarge("response too large")
-        return data
-
-    def send(self, *args: Any, **kwargs: Any) -> int:
-        budget, left = _remaining()
-        if budget is not None:
-            self.settimeout(left)  # type: ignore[attr-defined]
-        return super().send(*args, **kwargs)  # type: ignore[misc,no-any-return]
-
-    def sendall(self, *args: Any, **kwargs: Any) -> None:
-        budget, left = _remaining()
-        if budget is not None:
-            self.settimeout(left)  # type: ignore[attr-defined]
-        super().sendall(*args, **kwargs)  # type: ignore[misc]
-
-
-class _Socket(_Metered, socket.socket):
-    """A plain TCP socket of ours."""
-
-
-class _SSLSocket(_Metered, ssl.SSLSocket):
-    """A TLS socket of ours (``SSLContext.sslsocket_class``)."""
-
-
-def _adopt(sock: socket.socket) -> socket.socket:
-    """The same connected socket as one of ours (the descriptor moves over)."""
-    timeout = sock.gettimeout()
-    ours = _Socket(sock.family, sock.type, sock.proto, fileno=sock.detach())
-    ours.settimeout(timeout)
-    return ours
-
-
-class _Response(http.client.HTTPResponse):
-    """``http.client``'s response, skipping every interim 1xx answer but 101."""
-
-    def _read_status(self) -> tuple[str, int, str]:
-        for _ in range(MAX_INTERIM + 1):
-            version, status, reason = super()._read_status()
-            if not 100 <= status < 200 or status == 101:
-                return version, status, reason
-            http.client.parse_headers(self.fp)  # the interim answer's headers: unused
-        raise http.client.HTTPException(f"more than {MAX_INTERIM} interim (1xx) responses")
-
-
-class _Tracked:
-    """A connection that tells the attempt in progress when it opens a new socket."""
-
-    response_class = _Response
-
-    def _new_conn(self) -> socket.socket:
-        budget = getattr(_CURRENT, "budget", None)
-        if budget is not None:
-            budget.opened = True
-        return _adopt(super()._new_conn())  # type: ignore[misc]
-
-
-class _Conn(_Tracked, HTTPConnection):
-    pass
-
-
-class _TLSConn(_Tracked, HTTPSConnection):
-    pass
-
-
-class _Pool(HTTPConnectionPool):
-    ConnectionCls = _Conn
-
-
-class _TLSPool(HTTPSConnectionPool):
-    ConnectionCls = _TLSConn
-
-
-_POOLS = {"http": _Pool, "https": _TLSPool}
 
 
 # --------------------------------------------------------------------------- TLS contexts
@@ -239,7 +108,7 @@ def default_context() -> ssl.SSLContext:
         ctx = _DEFAULT_TLS.get(key)
         if ctx is None:
             ctx = ssl.create_default_context()  # honours SSL_CERT_FILE / SSL_CERT_DIR
-            ctx.sslsocket_class = _SSLSocket
+            ctx.sslsocket_class = MeteredSSLSocket
             _DEFAULT_TLS[key] = ctx
         return ctx
 
@@ -254,7 +123,7 @@ def tls_context(tls: TlsFiles | None) -> ssl.SSLContext:
         ctx = ssl.create_default_context()
     if tls.cert_file:
         ctx.load_cert_chain(tls.cert_file, tls.key_file or None)
-    ctx.sslsocket_class = _SSLSocket
+    ctx.sslsocket_class = MeteredSSLSocket
     return ctx
 
 
@@ -403,7 +272,7 @@ class Transport:
     def _manager(self, proxy: str | None, https: bool) -> urllib3.PoolManager:
         manager = self._managers.get(proxy)
         if manager is None:
-            kw: dict[str, Any] = {"num_pools": NUM_POOLS, "maxsize": 1, "block": False,
+            kw: dict[str, Any] = {"num_pools": NUMPOOLS, "maxsize": 1, "block": False,
                                   "retries": False}
             if proxy is None:
                 manager = urllib3.PoolManager(**kw)
@@ -417,7 +286,7 @@ class Transport:
                         proxy_basic_auth=f"{unquote(user)}:{unquote(password)}")
                 manager = urllib3.ProxyManager(parts._replace(netloc=hostport).geturl(),
                                                proxy_headers=headers, **kw)
-            manager.pool_classes_by_scheme = _POOLS  # type: ignore[assignment]
+            manager.pool_classes_by_scheme = POOLS  # type: ignore[assignment]
             self._managers[proxy] = manager
         if https and "ssl_context" not in manager.connection_pool_kw:
             if self._context is None:
@@ -445,8 +314,8 @@ class Transport:
         except (OSError, ssl.SSLError, ValueError, ProxySchemeUnknown) as exc:
             where = "proxy" if isinstance(exc, ProxySchemeUnknown | ValueError) else "TLS files"
             return Result(None, f"{where}: {type(exc).__name__}: {exc}"[:ERROR_MAX])
-        budget = _Budget(time.monotonic() + timeout)
-        _CURRENT.budget = budget
+        budget = Budget(time.monotonic() + timeout, MAX_RESPONSE + HEAD_ROOM)
+        CURRENT.budget = budget
         try:
             for _ in range(2):
                 budget.opened = False
@@ -456,10 +325,10 @@ class Transport:
                     continue  # the server dropped an idle keep-alive connection: once more
             return Result(None, "connection closed by the server")  # pragma: no cover
         finally:
-            _CURRENT.budget = None
+            CURRENT.budget = None
 
     def _exchange(self, manager: urllib3.PoolManager, method: str, url: str,
-                  headers: dict[str, str], body: bytes, budget: _Budget) -> Result:
+                  headers: dict[str, str], body: bytes, budget: Budget) -> Result:
         left = max(budget.deadline - time.monotonic(), 0.001)
         try:
             resp = manager.urlopen(method, url, body=body, headers=headers, redirect=False,
