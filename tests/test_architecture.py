@@ -13,7 +13,7 @@ EDGES = {"gpio", "mqtt", "outbox", "outbox_file", "delivery", "transport", "mete
 PURE = {"events", "errors", "config", "schema", "yamlload", "rules", "templates", "inputs",
         "signing", "homeassistant", "hooks", "metrics", "explain", "units", "model",
         "schemacheck", "checker", "pins", "status_page", "retry", "health", "api",
-        "routing", "webauth"}
+        "routing", "webauth", "mqtt_messages"}
 # the composition side: may import edges; nothing else imports it
 ROOT = {"app", "cli", "cli_client"}
 # an edge's own lower layer, which only that edge uses (the sender threads send

@@ -30,7 +30,8 @@ from edgehook.config import (
     load_config,
 )
 from edgehook.events import Event
-from edgehook.mqtt import MqttLink, decode_payload, filter_covers, minimal_filters, parse_command
+from edgehook.mqtt import MqttLink
+from edgehook.mqtt_messages import decode_payload, filter_covers, minimal_filters, parse_command
 
 DEVICE = Device(id="testdev", name="Test device")
 PREFIX = "edgehook/testdev"

@@ -35,26 +35,33 @@ newest value, not a replay of every change made while it was away.
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
-from paho.mqtt.matcher import MQTTMatcher
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from . import homeassistant as ha
-from .config import Device, GpioConfig, MqttConfig, parse_duration
+from .config import Device, GpioConfig, MqttConfig
 from .errors import CommandError, ConfigError
 from .events import Event, make_event, rfc3339
+from .mqtt_messages import (
+    Filter,
+    Message,
+    Snapshot,
+    check_topic,
+    connection_key,
+    decode_payload,
+    parse_command,
+    snapshot,
+)
 
 _LOG = logging.getLogger(__name__)
 
@@ -69,143 +76,6 @@ SESSION_EXPIRY = 7 * 24 * 3600
 MAX_INFLIGHT = 100
 #: QoS used for "online"/"offline" and discovery configs.
 CONTROL_QOS = 1
-
-_COMMAND_WORDS = ("on", "off", "toggle")
-
-Filter = tuple[str, int]
-Message = tuple[str, str]
-
-
-# --------------------------------------------------------------------------- pure helpers
-
-def filter_covers(a: str, b: str) -> bool:
-    """True when every topic that matches filter `b` also matches filter `a`."""
-    if b.startswith("$") and a[:1] in ("+", "#"):
-        return False  # wildcards at the first level never match $-topics
-    al, bl = a.split("/"), b.split("/")
-    for i, x in enumerate(al):
-        if x == "#":
-            return len(bl) >= i  # "a/#" also matches "a" itself
-        if i >= len(bl) or bl[i] == "#":
-            return False
-        if x != "+" and x != bl[i]:
-            return False
-    return len(al) == len(bl)
-
-
-def minimal_filters(filters: Iterable[Filter]) -> dict[str, int]:
-    """Drop filters another one already covers, keeping the highest QoS.
-
-    Overlapping subscriptions make mosquitto deliver a message once per matching
-    subscription; with a trigger on `#` every `.../set` command would then run
-    twice (a TOGGLE would undo itself).
-    """
-    qos: dict[str, int] = {}
-    for flt, q in filters:
-        qos[flt] = max(q, qos.get(flt, 0))
-    keep = {f: q for f, q in qos.items()
-            if not any(g != f and filter_covers(g, f) for g in qos)}
-    for f, q in qos.items():
-        for g in keep:
-            if filter_covers(g, f):
-                keep[g] = max(keep[g], q)
-    return keep
-
-
-def decode_payload(payload: bytes) -> tuple[Any, bool]:
-    """Parsed JSON when it parses, else UTF-8 text, else base64; the flag says base64."""
-    try:
-        text = payload.decode("utf-8")
-    except UnicodeDecodeError:
-        return base64.b64encode(payload).decode("ascii"), True
-    try:
-        return json.loads(text, parse_constant=_reject_constant), False
-    except (ValueError, RecursionError):  # not JSON, or nested too deep to parse: text
-        return text, False
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")  # NaN/Infinity would not survive a webhook
-
-
-def parse_command(payload: bytes) -> tuple[str, float | None]:
-    """Parse an `output/<name>/set` payload into ('on'|'off'|'toggle', seconds or None).
-
-    Accepts ON, OFF, TOGGLE (any case) or {"state": "ON", "for": "30s"}; raises
-    ValueError with a reason otherwise.
-    """
-    text = payload.decode("utf-8").strip()
-    if text.lower() in _COMMAND_WORDS:
-        return text.lower(), None
-    try:
-        obj = json.loads(text)
-    except ValueError:
-        raise ValueError("expected ON, OFF, TOGGLE or {\"state\": \"ON\", \"for\": \"30s\"}") \
-            from None
-    if isinstance(obj, str) and obj.strip().lower() in _COMMAND_WORDS:
-        return obj.strip().lower(), None
-    if not isinstance(obj, dict):
-        raise ValueError("expected ON, OFF, TOGGLE or a JSON object with a state")
-    unknown = set(obj) - {"state", "for"}
-    if unknown:
-        raise ValueError(f"unknown key(s) {', '.join(sorted(map(str, unknown)))}")
-    state = obj.get("state")
-    if not isinstance(state, str) or state.strip().lower() not in _COMMAND_WORDS:
-        raise ValueError("state must be ON, OFF or TOGGLE")
-    duration = obj.get("for")
-    seconds = parse_duration(duration) if duration is not None else None
-    return state.strip().lower(), seconds
-
-
-def _check_topic(topic: str) -> None:
-    if not topic or any(c in topic for c in "+#\0"):
-        raise CommandError(f"cannot publish to {topic!r}: a topic must be non-empty and "
-                           "have no + or #")
-
-
-def _connection_key(cfg: MqttConfig) -> tuple[Any, ...]:
-    """The settings that need a new client (and connection) when they change."""
-    return (cfg.host, cfg.port, cfg.username, cfg.password, cfg.tls, cfg.client_id,
-            cfg.keepalive, cfg.protocol, cfg.topic_prefix)
-
-
-@dataclass(frozen=True)
-class _Snapshot:
-    """Everything derived from one config, built beside the old one and swapped whole."""
-
-    cfg: MqttConfig
-    device: Device
-    gpio: GpioConfig
-    triggers: MQTTMatcher  # trigger filters only
-    subscriptions: dict[str, int]  # what we subscribe (minimal cover)
-    discovery: list[Message]  # empty when discovery is off
-
-    @property
-    def prefix(self) -> str:
-        return self.cfg.topic_prefix
-
-    @property
-    def status_topic(self) -> str:
-        return f"{self.cfg.topic_prefix}/status"
-
-    @property
-    def ha_status_topic(self) -> str:
-        return f"{self.cfg.ha_prefix}/status"
-
-
-def _snapshot(cfg: MqttConfig, device: Device, gpio: GpioConfig,
-              filters: Sequence[Filter]) -> _Snapshot:
-    matcher = MQTTMatcher()
-    for flt, _qos in filters:
-        matcher[flt] = flt
-    own: list[Filter] = [(f"{cfg.topic_prefix}/output/+/set", cfg.qos)]
-    if cfg.ha_discovery:
-        own.append((f"{cfg.ha_prefix}/status", cfg.qos))
-    subs = minimal_filters([*filters, *own])
-    disc = (ha.discovery_messages(device, gpio, cfg.topic_prefix, cfg.ha_prefix)
-            if cfg.ha_discovery else [])
-    return _Snapshot(cfg, device, gpio, matcher, subs, disc)
-
 
 # --------------------------------------------------------------------------- the link
 
@@ -229,7 +99,7 @@ class MqttLink:
         self._on_command = on_command
         self._states = states
         self._lock = threading.Lock()  # guards the deque, the caches, connect/flush
-        self._snap = _snapshot(cfg, device, gpio, filters)
+        self._snap = snapshot(cfg, device, gpio, filters)
         self._queue: deque[tuple[str, bytes, int, bool]] = deque()
         self._dropped = 0
         self.malformed = 0  # messages that could not be handled (logged and skipped)
@@ -320,9 +190,9 @@ class MqttLink:
         connection settings (host, credentials, client id, prefix...) need a new
         client: the link then stops and starts again.
         """
-        new = _snapshot(cfg, device, gpio, filters)
+        new = snapshot(cfg, device, gpio, filters)
         old = self._snap
-        if _connection_key(old.cfg) != _connection_key(cfg):
+        if connection_key(old.cfg) != connection_key(cfg):
             _LOG.info("MQTT: connection settings changed, reconnecting")
             self._shutdown(2.0, final=False)  # the offline queue carries over
             self._snap = new
@@ -362,7 +232,7 @@ class MqttLink:
 
         Raises CommandError for a topic with wildcards or a bad QoS.
         """
-        _check_topic(topic)
+        check_topic(topic)
         if qos not in (0, 1, 2):
             raise CommandError(f"QoS must be 0, 1 or 2, not {qos!r}")
         data = payload.encode("utf-8") if isinstance(payload, str) else bytes(payload)
@@ -433,7 +303,7 @@ class MqttLink:
             _LOG.exception("MQTT: the states() callback failed; publishing cached states")
             return {}, {}
 
-    def _publish_states(self, snap: _Snapshot,
+    def _publish_states(self, snap: Snapshot,
                         seed: tuple[dict[str, bool], dict[str, bool]]) -> None:
         """Publish every known input/output state retained; caller holds the lock.
 
@@ -453,7 +323,7 @@ class MqttLink:
                 self._send(f"{snap.prefix}/output/{name}", b"ON" if value else b"OFF",
                            snap.cfg.qos, True)
 
-    def _announce(self, snap: _Snapshot) -> None:
+    def _announce(self, snap: Snapshot) -> None:
         """Remove vanished discovery configs, (re)send current ones; caller holds the lock."""
         for topic, payload in ha.removal_messages(self._announced, snap.discovery):
             self._send(topic, payload.encode(), CONTROL_QOS, True)
@@ -590,7 +460,7 @@ class MqttLink:
                   lambda: self._ack(mid, qos))
         return True
 
-    def _command(self, snap: _Snapshot, name: str, payload: bytes, retain: bool,
+    def _command(self, snap: Snapshot, name: str, payload: bytes, retain: bool,
                  topic: str) -> None:
         if name not in snap.gpio.outputs:
             _LOG.warning("MQTT: %s: no output named %r; command ignored", topic, name)
