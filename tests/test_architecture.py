@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).resolve().parent.parent / "daemon" / "edgehook"
-EDGES = {"gpio", "mqtt", "outbox", "outbox_file", "delivery", "transport", "metered",
-         "http_server", "notify"}
+EDGES = {"gpio", "mqtt", "outbox", "outbox_file", "outbox_sql", "outbox_admin", "delivery",
+         "transport", "metered", "http_server", "notify"}
 PURE = {"events", "errors", "config", "schema", "yamlload", "rules", "templates", "inputs",
         "signing", "homeassistant", "hooks", "metrics", "explain", "units", "model",
         "schemacheck", "checker", "pins", "status_page", "retry", "health", "api",
@@ -17,8 +17,10 @@ PURE = {"events", "errors", "config", "schema", "yamlload", "rules", "templates"
 # the composition side: may import edges; nothing else imports it
 ROOT = {"app", "cli", "cli_client"}
 # an edge's own lower layer, which only that edge uses (the sender threads send
-# through the HTTP transport; the outbox opens its file through outbox_file)
-LAYERS = {"delivery": {"transport"}, "transport": {"metered"}, "outbox": {"outbox_file"}}
+# through the HTTP transport; the outbox is split into its file, its SQL and the
+# user's operations on rows)
+LAYERS = {"delivery": {"transport"}, "transport": {"metered"},
+          "outbox": {"outbox_file", "outbox_sql", "outbox_admin"}, "outbox_admin": {"outbox_sql"}}
 
 
 def our_imports(path: Path) -> set[str]:

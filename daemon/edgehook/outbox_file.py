@@ -159,6 +159,19 @@ def corrupt_files(path: Path) -> list[Path]:
     return sorted(p for p in path.parent.glob(path.name + ".corrupt-*")
                   if not p.name.endswith(("-wal", "-shm")))
 
+def open_or_replace(path: Path, exclusive: bool) -> sqlite3.Connection:
+    """:func:`open_db`; for the daemon (`exclusive`), a file that is not a sound database
+    is moved aside (:func:`move_aside`) and a fresh one opened. An I/O error
+    (``sqlite3.OperationalError``) is raised as it is: the file may be fine."""
+    try:
+        return open_db(path, exclusive)
+    except sqlite3.DatabaseError as exc:
+        if not exclusive or isinstance(exc, sqlite3.OperationalError):
+            raise
+        move_aside(path, exc)
+        return open_db(path, exclusive)
+
+
 def move_aside(path: Path, exc: Exception) -> None:
     """Rename a corrupt outbox (and its WAL) out of the way, loudly."""
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())

@@ -1,0 +1,130 @@
+"""What a user does to the outbox's rows: list them, retry, re-time, drop and purge them.
+
+A mixin of :class:`outbox.Outbox`, which holds the connection, the lock and the
+counters; these are the operations the CLI and the API call, off the event path.
+Each writes what is on disk, so waiting delivered marks are written first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sqlite3
+import threading
+from typing import TYPE_CHECKING, Any
+
+from . import outbox_sql
+
+_LOG = logging.getLogger("edgehook.outbox")
+STATUSES = ("pending", "delivered", "dead")
+
+
+class RowAdmin:
+    """The user's operations on rows, on top of what Outbox provides (below)."""
+
+    if TYPE_CHECKING:
+        _lock: threading.RLock
+
+        def tx(self) -> contextlib.AbstractContextManager[sqlite3.Connection]: ...
+        def flush_marks(self) -> None: ...
+        def _apply(self, delta: dict[str, int]) -> None: ...
+        def _unlease(self, row_id: int) -> None: ...
+
+    def retry(self, id: int, now: float) -> bool:
+        """Make a dead row pending again, due now, with a fresh deadline and its webhook-id.
+
+        A pending row is made due now (its attempts kept). False when there is no
+        such row or it was already delivered. The last error is cleared: the row is
+        a new try (its history keeps every attempt).
+        """
+        with self._lock:
+            self.flush_marks()
+            with self.tx() as c:
+                r = c.execute("SELECT status FROM deliveries WHERE id = ?", (id,)).fetchone()
+                if r is None or r[0] == "delivered":
+                    return False
+                if r[0] == "pending":
+                    c.execute("UPDATE deliveries SET next_attempt_at = ? WHERE id = ?", (now, id))
+                    return True
+                outbox_sql.requeue(c, now, "id = ?", (id,))
+            self._apply({"dead": -1, "pending": 1})
+        return True
+
+    def make_due(self, target: str, now: float) -> int:
+        """Make a target's waiting rows due now (its config changed: a fixed URL must
+        not wait out a backoff computed for the broken one); returns how many."""
+        with self.tx() as c:
+            return outbox_sql.make_due(c, target, now)
+
+    def retry_all_dead(self, now: float) -> int:
+        """Make every dead row pending again (see :meth:`retry`); returns how many."""
+        with self._lock:
+            with self.tx() as c:
+                n = outbox_sql.requeue(c, now, "status = 'dead'", ())
+            self._apply({"dead": -n, "pending": n})
+        return n
+
+    def purge(self, status: str = "dead") -> int:
+        """Delete all rows of a final status (dead or delivered); returns how many."""
+        if status not in ("dead", "delivered"):
+            raise ValueError("only dead or delivered rows can be purged")
+        with self._lock:
+            self.flush_marks()
+            with self.tx() as c:
+                n = c.execute(f"DELETE FROM deliveries WHERE status = '{status}'").rowcount
+            self._apply({status: -n})
+        return n
+
+    def drop(self, id: int) -> bool:
+        """Delete one pending or dead row (the user gave up on it); False if none."""
+        with self._lock:
+            self.flush_marks()
+            with self.tx() as c:
+                r = c.execute("SELECT status FROM deliveries WHERE id = ? AND status != "
+                              "'delivered'", (id,)).fetchone()
+                if r is None:
+                    return False
+                c.execute("DELETE FROM deliveries WHERE id = ?", (id,))
+            self._unlease(id)
+            self._apply({r[0]: -1})
+        _LOG.warning("outbox: row %d (%s) dropped by the user", id, r[0])
+        return True
+
+    def drop_target(self, target: str) -> int:
+        """Delete every pending and dead row of a target; returns how many."""
+        with self._lock:
+            self.flush_marks()
+            with self.tx() as c:
+                n = {status: c.execute("DELETE FROM deliveries WHERE status = ? AND target = ?",
+                                       (status, target)).rowcount
+                     for status in ("pending", "dead")}
+            self._leased.clear()  # the target's worker claims afresh
+            self._apply({s: -k for s, k in n.items()})
+        total = sum(n.values())
+        if total:
+            _LOG.warning("outbox: %d row(s) of target %s dropped by the user", total, target)
+        return total
+
+    def list(self, status: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        """Rows for the API and CLI, newest first; never the URL, headers or body."""
+        if status is not None and status not in STATUSES:
+            raise ValueError(f"status must be one of {', '.join(STATUSES)}")
+        if status is None or status == "delivered":
+            # nearly every row: newest first along the rowid stops after `limit` rows
+            where = "" if status is None else "WHERE status = 'delivered'"
+            return self._select(where, (), limit)
+        # A literal (checked above), not a parameter, and the partial index named: a
+        # few pending or dead rows among a day of delivered ones are found through
+        # their own index, not by walking the table back from the newest row.
+        index = outbox_sql.STATUS_INDEX[status]
+        return self._select(f"INDEXED BY {index} WHERE status = '{status}'", (), limit)
+
+    def get(self, id: int) -> dict[str, Any] | None:
+        """One row in the :meth:`list` shape, or None."""
+        found = self._select("WHERE id = ?", (id,), 1)
+        return found[0] if found else None
+
+    def _select(self, where: str, args: tuple[Any, ...], limit: int) -> list[dict[str, Any]]:
+        self.flush_marks()  # a listing shows what is on disk
+        with self.tx() as c:
+            return outbox_sql.listing(c, where, args, limit)

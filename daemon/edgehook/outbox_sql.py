@@ -1,0 +1,191 @@
+"""The outbox's SQL: row shapes and the statements each operation runs, on a connection
+inside the caller's transaction. No lock, no state: outbox.py holds those.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .events import compact_json, rfc3339
+
+# Pending and dead rows have an index of their own; naming it lets SQLite read only
+# it (counting, listing) rather than walk a table that holds a day of delivered rows.
+STATUS_INDEX = {"pending": "deliveries_pending", "dead": "deliveries_dead"}
+
+ROW_COLUMNS = ("id, webhook_id, event_id, target, url, method, headers, body, content_type, "
+                "attempts, max_attempts, created_at, next_attempt_at, deadline")
+
+# Append one attempt to the JSON history, dropping the oldest beyond HISTORY_MAX.
+HISTORY_APPEND = (
+    "history = json_insert(CASE WHEN json_array_length(history) >= ?"
+    " THEN json_remove(history, '$[0]') ELSE history END, '$[#]', json(?))"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class NewDelivery:
+    """One rendered webhook action, ready to be stored."""
+
+    target: str
+    event_id: str
+    url: str
+    method: str
+    headers: dict[str, str]
+    body: bytes
+    content_type: str
+    max_attempts: int
+    max_age: float
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """A claimed pending delivery, everything the sender needs to attempt it."""
+
+    id: int
+    webhook_id: str
+    event_id: str
+    target: str
+    url: str
+    method: str
+    headers: dict[str, str]
+    body: bytes
+    content_type: str
+    attempts: int
+    max_attempts: int
+    created_at: float
+    next_attempt_at: float
+    deadline: float
+
+
+def attempt_json(now: float, status: int | None, error: str | None) -> str:
+    """One attempt as its history entry."""
+    return json.dumps({"at": rfc3339(now), "status": status, "error": error})
+
+
+def insert(c: sqlite3.Connection, rows: Sequence[Row], items: Sequence[NewDelivery]) -> int:
+    """INSERT new rows; returns the first id (a batch's ids are consecutive: new rowids
+    are max + 1, taken under the write lock)."""
+    c.executemany(
+        "INSERT INTO deliveries (webhook_id, event_id, target, url, method, headers, body,"
+        " content_type, max_attempts, max_age, created_at, next_attempt_at, deadline)"
+        " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        [(r.webhook_id, r.event_id, r.target, r.url, r.method, compact_json(r.headers),
+          r.body, r.content_type, r.max_attempts, float(d.max_age), r.created_at,
+          r.next_attempt_at, r.deadline) for r, d in zip(rows, items, strict=True)])
+    return int(c.execute("SELECT last_insert_rowid()").fetchone()[0]) - len(rows) + 1
+
+
+def pending_head(c: sqlite3.Connection, target: str, n: int) -> list[Row]:
+    """The first `n` pending rows of a target, oldest first."""
+    return [Row(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6]), r[7], r[8], r[9], r[10],
+                r[11], r[12], r[13])
+            for r in c.execute(f"SELECT {ROW_COLUMNS} FROM deliveries WHERE status ="
+                               " 'pending' AND target = ? ORDER BY id LIMIT ?", (target, n))]
+
+
+def due_times(c: sqlite3.Connection, target: str, n: int) -> list[tuple[int, float]]:
+    """(id, next attempt) of the first `n` pending rows of a target."""
+    return c.execute("SELECT id, next_attempt_at FROM deliveries WHERE status = 'pending'"
+                     " AND target = ? ORDER BY id LIMIT ?", (target, n)).fetchall()
+
+
+def pending_target(c: sqlite3.Connection, row_id: int) -> str | None:
+    """The target of a row that is still pending, else None."""
+    r = c.execute("SELECT target FROM deliveries WHERE id = ? AND status = 'pending'",
+                  (row_id,)).fetchone()
+    return None if r is None else r[0]
+
+
+def mark_delivered(c: sqlite3.Connection, marks: Sequence[tuple[Any, ...]]) -> int:
+    """Write delivered marks (history max, entry, status, time, id); returns how many
+    rows were still pending."""
+    return c.executemany(
+        f"UPDATE deliveries SET status = 'delivered', attempts = attempts + 1,"
+        f" {HISTORY_APPEND}, last_status = ?, last_error = NULL, delivered_at = ?,"
+        f" lease_until = 0 WHERE id = ? AND status = 'pending'", marks).rowcount
+
+
+def record_failure(c: sqlite3.Connection, row_id: int, entry: str, error: str,
+                   status: int | None, history_max: int, *,
+                   next_at: float | None = None) -> int:
+    """Record a failed attempt: due again at `next_at`, or dead when it is None."""
+    then = "next_attempt_at = ?" if next_at is not None else "status = 'dead'"
+    return c.execute(
+        f"UPDATE deliveries SET attempts = attempts + 1, {HISTORY_APPEND}, {then},"
+        " last_error = ?, last_status = ?, lease_until = 0 WHERE id = ? AND status = 'pending'",
+        (history_max, entry, *([next_at] if next_at is not None else []), error, status,
+         row_id)).rowcount
+
+
+def give_up(c: sqlite3.Connection, error: str, where: str, args: tuple[Any, ...]) -> int:
+    """Pending rows matching `where` become dead without an attempt."""
+    return c.execute(f"UPDATE deliveries SET status = 'dead', last_error = ?, lease_until = 0"
+                     f" WHERE status = 'pending' AND {where}", (error, *args)).rowcount
+
+
+def requeue(c: sqlite3.Connection, now: float, where: str, args: tuple[Any, ...]) -> int:
+    """Rows matching `where` become pending again, due now, with a fresh deadline, no
+    attempts and no last error (their history keeps every attempt)."""
+    return c.execute("UPDATE deliveries SET status = 'pending', attempts = 0,"
+                     " next_attempt_at = ?, deadline = ? + max_age, lease_until = 0,"
+                     f" last_error = NULL, last_status = NULL WHERE {where}",
+                     (now, now, *args)).rowcount
+
+
+def make_due(c: sqlite3.Connection, target: str, now: float) -> int:
+    """A target's pending rows waiting past `now` become due now."""
+    return c.execute("UPDATE deliveries SET next_attempt_at = ? WHERE status = 'pending'"
+                     " AND target = ? AND next_attempt_at > ?", (now, target, now)).rowcount
+
+
+def count_statuses(c: sqlite3.Connection) -> dict[str, int]:
+    """Rows per status; delivered ones are what the two partial indexes do not count."""
+    counts = {status: c.execute(f"SELECT COUNT(*) FROM deliveries INDEXED BY {index}"
+                                f" WHERE status = '{status}'").fetchone()[0]
+              for status, index in STATUS_INDEX.items()}
+    total = c.execute("SELECT COUNT(*) FROM deliveries").fetchone()[0]
+    counts["delivered"] = total - counts["pending"] - counts["dead"]
+    return counts
+
+
+def pending_counts(c: sqlite3.Connection) -> dict[str, int]:
+    """Pending rows per target."""
+    return dict(c.execute("SELECT target, COUNT(*) FROM deliveries INDEXED BY"
+                          " deliveries_pending WHERE status = 'pending' GROUP BY target"))
+
+
+def listing(c: sqlite3.Connection, where: str, args: tuple[Any, ...],
+            limit: int) -> list[dict[str, Any]]:
+    """Rows for the API and CLI, newest first; never the URL, headers or body. A pending
+    row that is not the head of its target's queue says which row it waits behind."""
+    rows = c.execute("SELECT id, webhook_id, event_id, target, status, attempts, max_attempts,"
+                     " next_attempt_at, last_error, last_status, created_at, delivered_at,"
+                     f" deadline, history FROM deliveries {where} ORDER BY id DESC LIMIT ?",
+                     (*args, int(limit))).fetchall()
+    heads = dict(c.execute("SELECT target, MIN(id) FROM deliveries INDEXED BY"
+                           " deliveries_pending WHERE status = 'pending' GROUP BY target"))
+    return [{
+        "waiting_behind": heads[r[3]] if r[4] == "pending" and heads.get(r[3], r[0]) < r[0]
+        else None,
+        "id": r[0], "webhook_id": r[1], "event_id": r[2], "target": r[3], "status": r[4],
+        "attempts": r[5], "max_attempts": r[6],
+        "next_attempt_at": rfc3339(r[7]) if r[4] == "pending" else None,
+        "last_error": r[8], "last_status": r[9], "created_at": rfc3339(r[10]),
+        "delivered_at": rfc3339(r[11]) if r[11] is not None else None,
+        "deadline": rfc3339(r[12]), "history": json.loads(r[13]),
+    } for r in rows]
+
+
+def delete_delivered_before(c: sqlite3.Connection, cutoff: float) -> int:
+    """Delete delivered rows older than `cutoff`, along the rowid: a row delivered before
+    the cutoff was created before it, so only ids below the first newer row qualify
+    (reading the old rows, which are the ones to delete, and no others)."""
+    first_new = c.execute("SELECT id FROM deliveries WHERE created_at >= ? ORDER BY id"
+                          " LIMIT 1", (cutoff,)).fetchone()
+    bound = first_new[0] if first_new else (1 << 62)
+    return c.execute("DELETE FROM deliveries WHERE id < ? AND status = 'delivered'"
+                     " AND delivered_at < ?", (bound, cutoff)).rowcount
