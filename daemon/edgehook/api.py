@@ -223,7 +223,7 @@ class Api:
                                 event_id, BUSY_RETRY_AFTER)
         if any(e.startswith("dropped:") for e in reply.errors):
             return _unavailable("overloaded", "event queue full", event_id, 1)
-        store_error = getattr(reply, "store_error", None)
+        store_error = reply.store_error
         if store_error:
             self._throttle.log(f"{name}:storage", "hook %s: event %s not stored (%s): 503",
                                name, event_id, store_error)

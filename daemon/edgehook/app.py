@@ -46,11 +46,11 @@ _MQTT_EVENT_TYPES = {"pressed": "press", "released": "release", "held": "hold",
 class Daemon:
     """One running edgehook: pins, outbox, senders, dispatcher, HTTP, MQTT, systemd."""
 
-    def __init__(self, cfg: Config, pin_factory: Any = None, *, simulate: bool = False) -> None:
+    def __init__(self, cfg: Config, pin_factory: Any = None) -> None:
         self.cfg = cfg
-        # pins simulated at start stay simulated across reloads (`run --simulate`, or
-        # backend: mock): the pin factory is chosen once per process
-        self.simulate_pins = simulate or cfg.gpio.backend == "mock"
+        # pins simulated at start stay simulated across reloads (`run --simulate` forces
+        # backend: mock into the config): the pin factory is chosen once per process
+        self.simulate_pins = cfg.gpio.backend == "mock"
         self.started_at = time.time()
         self.notifier = Notifier()
         self.scheduler = Scheduler()
@@ -211,7 +211,7 @@ class Daemon:
             _LOG.error("reload refused: keeping the running config")
             self.notifier.ready()
             return
-        except BaseException as exc:  # RecursionError, MemoryError, a bug: never fatal
+        except Exception as exc:  # RecursionError, MemoryError, a bug: never fatal
             _LOG.error("reload refused: the config could not be loaded (%s: %s); "
                        "keeping the running config", type(exc).__name__, exc)
             self.notifier.ready()
@@ -356,10 +356,10 @@ class Daemon:
     def webhook_health(self) -> dict[str, dict[str, Any]]:
         """Per target: 410 Gone flag, last success/error (sender), rows pending."""
         gone = self.sender.gone_targets()
-        seen = getattr(self.sender, "target_health", dict)()
+        seen = self.sender.target_health()
         pending = self.outbox.pending_by_target()
-        return {name: {"gone": name in gone, "last_success": None, "last_error": None,
-                       "last_error_at": None, **seen.get(name, {}),
+        none = {"last_success": None, "last_error": None, "last_error_at": None}
+        return {name: {"gone": name in gone, **seen.get(name, none),
                        "pending": pending.get(name, 0)}
                 for name in self.cfg.webhooks}
 
