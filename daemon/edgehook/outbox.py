@@ -5,8 +5,8 @@ Every access goes through one ``with outbox.tx():`` (a lock, ``BEGIN IMMEDIATE``
 commit, rollback on error); each commit is fsynced (``synchronous=FULL``), and the
 dispatcher stores a batch of events in one of them, so whatever a source was told
 is on disk. This class keeps what lives in memory: the row counters, leases of
-claimed rows, and "delivered" marks that wait up to ``MARK_LAG`` seconds to share the
-next commit (lost in a crash, they only mean a redelivery with the same webhook-id).
+claimed rows, and "delivered" marks that wait up to ``MARK_LAG`` seconds (or until
+``MARK_MAX`` of them wait) to share the next commit (lost in a crash, they only mean a redelivery with the same webhook-id).
 It refuses new rows (``OutboxFull``) at ``MAX_ROWS`` undelivered rows or below
 ``MIN_FREE_BYTES`` free, before SQLite itself fails on a full disk; any SQLite failure
 is an :class:`OutboxError`. The statements are in outbox_sql.py, opening the file
@@ -55,6 +55,7 @@ STATVFS_CACHE = 1.0          # seconds a free-space reading is reused
 HISTORY_MAX = 50             # attempts kept per row (the oldest are dropped)
 WRITE_ERROR_HOLD = 60.0      # a failed write is reported this long once space is back
 MARK_LAG = 2.0               # seconds a delivered mark may wait to share a commit
+MARK_MAX = 64                # marks waiting beyond this are written at once (a burst)
 
 class OutboxError(EdgehookError, sqlite3.Error):
     """SQLite failed (I/O error, disk full, corrupt page, locked): nothing was stored.
@@ -237,9 +238,7 @@ class Outbox(RowAdmin):
         """
         with self.tx() as c:
             rows: list[Row] = []
-            for row in sql.pending_head(c, target, int(limit) + len(self._settled)):
-                if row.id in self._settled:
-                    continue  # delivered; its mark is not written yet
+            for row in sql.pending_head(c, target, int(limit), self._settled):
                 if (row.next_attempt_at > now or self._lease_end(row.id) > now
                         or len(rows) >= limit):
                     break
@@ -295,7 +294,10 @@ class Outbox(RowAdmin):
                     HISTORY_MAX, sql.attempt_json(now, status, None), status, now, row_id))
                 n += 1
             self._apply({"pending": -n, "delivered": n})
-            if self._settled and self._mark_timer is None and not self._closed:
+            if len(self._settled) >= MARK_MAX:
+                self.flush_marks()  # a burst: one commit per MARK_MAX deliveries, and
+                # claims do not wade through a long run of delivered rows
+            elif self._settled and self._mark_timer is None and not self._closed:
                 self._mark_timer = threading.Timer(MARK_LAG, self.flush_marks)
                 self._mark_timer.daemon = True
                 self._mark_timer.start()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,12 +79,16 @@ def insert(c: sqlite3.Connection, rows: Sequence[Row], items: Sequence[NewDelive
     return int(c.execute("SELECT last_insert_rowid()").fetchone()[0]) - len(rows) + 1
 
 
-def pending_head(c: sqlite3.Connection, target: str, n: int) -> list[Row]:
-    """The first `n` pending rows of a target, oldest first."""
-    return [Row(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6]), r[7], r[8], r[9], r[10],
-                r[11], r[12], r[13])
-            for r in c.execute(f"SELECT {ROW_COLUMNS} FROM deliveries WHERE status ="
-                               " 'pending' AND target = ? ORDER BY id LIMIT ?", (target, n))]
+def pending_head(c: sqlite3.Connection, target: str, n: int,
+                 skip: Collection[int] = ()) -> Iterator[Row]:
+    """The first `n` pending rows of a target, oldest first, passing over the ids in
+    `skip` (delivered, their marks not written yet) without building them. Lazy: a
+    claim that stops at a row backing off builds nothing behind it."""
+    for r in c.execute(f"SELECT {ROW_COLUMNS} FROM deliveries WHERE status = 'pending'"
+                       " AND target = ? ORDER BY id LIMIT ?", (target, n + len(skip))):
+        if r[0] not in skip:
+            yield Row(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6]), r[7], r[8], r[9],
+                      r[10], r[11], r[12], r[13])
 
 
 def due_times(c: sqlite3.Connection, target: str, n: int) -> list[tuple[int, float]]:

@@ -52,7 +52,7 @@ from urllib.parse import unquote, urlsplit
 import urllib3
 from urllib3.exceptions import HTTPError as Urllib3Error
 from urllib3.exceptions import LocationParseError, ProxyError, ProxySchemeUnknown
-from urllib3.util import Timeout, make_headers
+from urllib3.util import Timeout, make_headers, parse_url
 
 from .metered import CURRENT, POOLS, Budget, MeteredSSLSocket, ResponseTooLarge
 
@@ -139,6 +139,8 @@ class Target:
     host: str
     port: int
     authorization: str | None
+    pool_host: str = ""    # the host and request line as urllib3 makes them from `url`,
+    request_uri: str = ""  # so a direct request skips its per-request URL parsing
 
 
 @functools.lru_cache(maxsize=64)  # a target sends to one URL, or a few (templates)
@@ -163,8 +165,12 @@ def parse_target(url: str) -> Target:
         pair = f"{unquote(user)}:{unquote(password)}".encode()
         auth = "Basic " + base64.b64encode(pair).decode("ascii")
     clean = parts._replace(netloc=hostport, fragment="").geturl()
+    try:
+        u = parse_url(clean)
+    except LocationParseError:
+        raise ValueError("invalid URL (the host name cannot be resolved as written)") from None
     return Target(clean, scheme, parts.hostname, port or (443 if scheme == "https" else 80),
-                  auth)
+                  auth, u.host or parts.hostname, u.request_uri)
 
 
 def _check_request(method: str, headers: Mapping[str, str]) -> str | None:
@@ -320,20 +326,29 @@ class Transport:
             for _ in range(2):
                 budget.opened = False
                 try:
-                    return self._exchange(manager, method, target.url, out, body, budget)
+                    return self._exchange(manager, proxy, method, target, out, body, budget)
                 except _StaleConnection:
                     continue  # the server dropped an idle keep-alive connection: once more
             return Result(None, "connection closed by the server")  # pragma: no cover
         finally:
             CURRENT.budget = None
 
-    def _exchange(self, manager: urllib3.PoolManager, method: str, url: str,
-                  headers: dict[str, str], body: bytes, budget: Budget) -> Result:
+    def _exchange(self, manager: urllib3.PoolManager, proxy: str | None, method: str,
+                  target: Target, headers: dict[str, str], body: bytes,
+                  budget: Budget) -> Result:
         left = max(budget.deadline - time.monotonic(), 0.001)
+        kw: dict[str, Any] = {"body": body, "headers": headers, "redirect": False,
+                              "retries": False, "preload_content": False,
+                              "decode_content": False, "timeout": Timeout(connect=left,
+                                                                          read=left)}
         try:
-            resp = manager.urlopen(method, url, body=body, headers=headers, redirect=False,
-                                   retries=False, preload_content=False, decode_content=False,
-                                   timeout=Timeout(connect=left, read=left))
+            if proxy is None:  # straight to the origin's pool: what PoolManager.urlopen
+                # does after parsing the URL again, which parse_target did once
+                pool = manager.connection_from_host(target.pool_host, target.port,
+                                                    target.scheme)
+                resp = pool.urlopen(method, target.request_uri, assert_same_host=False, **kw)
+            else:
+                resp = manager.urlopen(method, target.url, **kw)
         except LocationParseError:
             return Result(None, "invalid URL (the host name cannot be resolved as written)",
                           final=True)
