@@ -20,7 +20,8 @@ ROOT = {"app", "cli", "cli_client"}
 # through the HTTP transport; the outbox is split into its file, its SQL and the
 # user's operations on rows)
 LAYERS = {"delivery": {"transport"}, "transport": {"metered"},
-          "outbox": {"outbox_file", "outbox_sql", "outbox_admin"}, "outbox_admin": {"outbox_sql"}}
+          "outbox": {"outbox_file", "outbox_sql", "outbox_admin"}, "outbox_admin": {"outbox_sql"},
+          "outbox_file": {"outbox_sql"}}
 
 
 def our_imports(path: Path) -> set[str]:

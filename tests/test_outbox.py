@@ -371,7 +371,7 @@ def test_a_version_1_file_is_migrated_on_open(tmp_path: Path, exclusive: bool) -
             assert c.execute("PRAGMA page_size").fetchone()[0] == ob.PAGE_SIZE
     try:
         with box.tx() as c:
-            assert c.execute("PRAGMA user_version").fetchone()[0] == ob.SCHEMA_VERSION == 3
+            assert c.execute("PRAGMA user_version").fetchone()[0] == ob.SCHEMA_VERSION == 4
         # only the two partial indexes: no status index, no webhook-id index
         assert set(indexes(path)) == {"deliveries_pending", "deliveries_dead"}
         assert box.counts() == {"pending": 2, "delivered": 2, "dead": 1}
@@ -382,6 +382,53 @@ def test_a_version_1_file_is_migrated_on_open(tmp_path: Path, exclusive: bool) -
     finally:
         box.close()
     Outbox(path).close()  # a second open finds it current and changes nothing
+
+
+def test_a_delivered_row_keeps_its_record_and_gives_up_its_payload(box: Outbox) -> None:
+    """Nothing reads a delivered row's URL, headers or body again; dropping them keeps
+    the page that takes the next row from splitting (SD-card writes)."""
+    ids = box.add([item(i) for i in range(3)])
+    now = time.time()
+    box.mark_delivered([(ids[0], 204)], now)
+    box.flush_marks()
+    with box.tx() as c:
+        rows = c.execute("SELECT id, url, headers, length(body), content_type, history"
+                         " FROM deliveries ORDER BY id").fetchall()
+    assert rows[0][1:] == ("", "{}", 0, "", "[]")  # the delivering attempt is not stored
+    assert rows[1][1] != "" and rows[1][3] > 0       # a pending row keeps everything
+    listed = box.get(ids[0])
+    assert listed is not None and listed["history"] == [
+        {"at": listed["delivered_at"], "status": 204, "error": None}]
+    assert listed["webhook_id"].startswith("msg_") and listed["event_id"] == "ev0"
+    assert not box.retry(ids[0], now)  # and a delivered row cannot be sent again
+
+
+def test_a_version_3_file_slims_its_delivered_rows_once(tmp_path: Path) -> None:
+    path = tmp_path / "state" / "outbox.db"
+    box = Outbox(path)
+    ids = box.add([item(i) for i in range(2)])
+    box.close()
+    db = sqlite3.connect(path)  # as version 3 left a delivered row: payload and attempt kept
+    db.execute("UPDATE deliveries SET status = 'delivered', attempts = 2, last_status = 200,"
+               " delivered_at = created_at, history = '[{\"at\":\"x\",\"status\":503,"
+               "\"error\":\"HTTP 503\"},{\"at\":\"y\",\"status\":200,\"error\":null}]'"
+               " WHERE id = ?", (ids[0],))
+    db.execute("PRAGMA user_version = 3")
+    db.commit()
+    db.close()
+    for _ in range(2):  # the second open finds it current: the history is not cut again
+        box = Outbox(path)
+        try:
+            row = box.get(ids[0])
+            assert row is not None
+            assert [h["status"] for h in row["history"]] == [503, 200]
+            with box.tx() as c:
+                assert c.execute("SELECT length(body), url FROM deliveries WHERE id = ?",
+                                 (ids[0],)).fetchone() == (0, "")
+                assert c.execute("SELECT length(body) FROM deliveries WHERE id = ?",
+                                 (ids[1],)).fetchone()[0] > 0
+        finally:
+            box.close()
 
 
 def test_every_index_but_the_webhook_id_one_is_partial(box: Outbox) -> None:

@@ -6,7 +6,8 @@ commit, rollback on error); each commit is fsynced (``synchronous=FULL``), and t
 dispatcher stores a batch of events in one of them, so whatever a source was told
 is on disk. This class keeps what lives in memory: the row counters, leases of
 claimed rows, and "delivered" marks that wait up to ``MARK_LAG`` seconds (or until
-``MARK_MAX`` of them wait) to share the next commit (lost in a crash, they only mean a redelivery with the same webhook-id).
+``MARK_MAX`` of them wait) to share the next commit (lost in a crash, they only mean
+a redelivery with the same webhook-id).
 It refuses new rows (``OutboxFull``) at ``MAX_ROWS`` undelivered rows or below
 ``MIN_FREE_BYTES`` free, before SQLite itself fails on a full disk; any SQLite failure
 is an :class:`OutboxError`. The statements are in outbox_sql.py, opening the file
@@ -42,7 +43,7 @@ from .outbox_file import (  # noqa: F401  (re-exported: the outbox's public name
     open_or_replace,
     take_dir_lock,
 )
-from .outbox_sql import NewDelivery, Row  # noqa: F401  (re-exported)
+from .outbox_sql import HISTORY_MAX, NewDelivery, Row  # noqa: F401  (re-exported)
 
 _LOG = logging.getLogger(__name__)
 
@@ -52,7 +53,6 @@ RETENTION = 24 * 3600.0      # delivered rows are kept this long, then pruned
 LEASE = 300.0                # default claim lease (seconds)
 PRUNE_EVERY = 600.0          # prune at most this often, and only alongside a write
 STATVFS_CACHE = 1.0          # seconds a free-space reading is reused
-HISTORY_MAX = 50             # attempts kept per row (the oldest are dropped)
 WRITE_ERROR_HOLD = 60.0      # a failed write is reported this long once space is back
 MARK_LAG = 2.0               # seconds a delivered mark may wait to share a commit
 MARK_MAX = 64                # marks waiting beyond this are written at once (a burst)
@@ -290,8 +290,7 @@ class Outbox(RowAdmin):
                 target = claimed or self._target_of(row_id)
                 if target is None:
                     continue  # not pending any more (dropped, or marked by someone else)
-                self._settled[row_id] = (target, (
-                    HISTORY_MAX, sql.attempt_json(now, status, None), status, now, row_id))
+                self._settled[row_id] = (target, (status, now, row_id))
                 n += 1
             self._apply({"pending": -n, "delivered": n})
             if len(self._settled) >= MARK_MAX:

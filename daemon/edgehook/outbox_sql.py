@@ -12,12 +12,17 @@ from typing import Any
 
 from .events import compact_json, rfc3339
 
+HISTORY_MAX = 50  # attempts kept per row (the oldest are dropped)
+
 # Pending and dead rows have an index of their own; naming it lets SQLite read only
 # it (counting, listing) rather than walk a table that holds a day of delivered rows.
 STATUS_INDEX = {"pending": "deliveries_pending", "dead": "deliveries_dead"}
 
 ROW_COLUMNS = ("id, webhook_id, event_id, target, url, method, headers, body, content_type, "
                 "attempts, max_attempts, created_at, next_attempt_at, deadline")
+
+# What a delivered row no longer holds (see mark_delivered).
+CLEARED = "url = '', headers = '{}', body = x'', content_type = ''"
 
 # Append one attempt to the JSON history, dropping the oldest beyond HISTORY_MAX.
 HISTORY_APPEND = (
@@ -105,12 +110,19 @@ def pending_target(c: sqlite3.Connection, row_id: int) -> str | None:
 
 
 def mark_delivered(c: sqlite3.Connection, marks: Sequence[tuple[Any, ...]]) -> int:
-    """Write delivered marks (history max, entry, status, time, id); returns how many
-    rows were still pending."""
+    """Write delivered marks (status, time, id); returns how many rows were still pending.
+
+    A delivered row keeps its record (ids, times, attempts, the failed attempts'
+    history) and gives up its payload (URL, headers, body), which nothing reads again
+    (a delivered row cannot be retried). The delivering attempt is not appended to
+    the history: :func:`listing` shows it from ``delivered_at`` and ``last_status``.
+    Both keep a delivered row small, so one 1 KiB page holds five of them and the
+    commit that adds the next row seldom has to split a page.
+    """
     return c.executemany(
-        f"UPDATE deliveries SET status = 'delivered', attempts = attempts + 1,"
-        f" {HISTORY_APPEND}, last_status = ?, last_error = NULL, delivered_at = ?,"
-        f" lease_until = 0 WHERE id = ? AND status = 'pending'", marks).rowcount
+        "UPDATE deliveries SET status = 'delivered', attempts = attempts + 1,"
+        f" {CLEARED}, last_status = ?, last_error = NULL, delivered_at = ?,"
+        " lease_until = 0 WHERE id = ? AND status = 'pending'", marks).rowcount
 
 
 def record_failure(c: sqlite3.Connection, row_id: int, entry: str, error: str,
@@ -180,8 +192,17 @@ def listing(c: sqlite3.Connection, where: str, args: tuple[Any, ...],
         "next_attempt_at": rfc3339(r[7]) if r[4] == "pending" else None,
         "last_error": r[8], "last_status": r[9], "created_at": rfc3339(r[10]),
         "delivered_at": rfc3339(r[11]) if r[11] is not None else None,
-        "deadline": rfc3339(r[12]), "history": json.loads(r[13]),
+        "deadline": rfc3339(r[12]), "history": _history(r),
     } for r in rows]
+
+
+def _history(r: Sequence[Any]) -> list[dict[str, Any]]:
+    """A listed row's attempts, the delivering one (not stored) included."""
+    history: list[dict[str, Any]] = json.loads(r[13])
+    if r[4] == "delivered" and r[11] is not None:
+        history = history[1 - HISTORY_MAX:]
+        history.append({"at": rfc3339(r[11]), "status": r[9], "error": None})
+    return history
 
 
 def delete_delivered_before(c: sqlite3.Connection, cutoff: float) -> int:
