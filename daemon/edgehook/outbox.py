@@ -99,6 +99,10 @@ class Outbox(RowAdmin):
         # delivered, mark not written yet: row id -> (target, the mark's UPDATE arguments)
         self._settled: dict[int, tuple[str, tuple[Any, ...]]] = {}
         self._mark_timer: threading.Timer | None = None
+        # target -> an id no pending row of it is below (exact after each claim); a
+        # target that is not here has none. There is no index over pending rows (one
+        # more page per commit on the SD card): their queries walk the rowid from here.
+        self._heads: dict[str, int] = {}
         try:
             self._db = open_or_replace(self.path, exclusive)
         except sqlite3.DatabaseError as exc:
@@ -198,6 +202,26 @@ class Outbox(RowAdmin):
         for status, n in delta.items():
             self._counts[status] += n
 
+    def _low(self, target: str | None = None) -> int | None:
+        """The id no pending row (of `target`, or of any target) is below; None when
+        there is no such row. Caller holds the lock."""
+        if target is not None:
+            return self._heads.get(target)
+        return min(self._heads.values(), default=None)
+
+    def _lower_head(self, target: str, row_id: int) -> None:
+        """Row `row_id` of `target` is pending now (new, or retried)."""
+        head = self._heads.get(target)
+        if head is None or row_id < head:
+            self._heads[target] = row_id
+
+    def _found_head(self, target: str, first: int | None) -> None:
+        """A walk from the target's head found its first pending row (None: none)."""
+        if first is None:
+            self._heads.pop(target, None)
+        else:
+            self._heads[target] = first
+
     # ------------------------------------------------------------------ writing
 
     def add(self, items: Sequence[NewDelivery], now: float | None = None) -> list[int]:
@@ -226,6 +250,8 @@ class Outbox(RowAdmin):
                 first = sql.insert(c, new, items)
             self._marks_written()
             self._apply({"pending": len(items)})
+            for i, d in enumerate(items):
+                self._lower_head(d.target, first + i)
         return [replace(r, id=first + i) for i, r in enumerate(new)]
 
     def claim(self, target: str, limit: int, now: float, lease: float = LEASE) -> list[Row]:
@@ -238,11 +264,20 @@ class Outbox(RowAdmin):
         """
         with self.tx() as c:
             rows: list[Row] = []
-            for row in sql.pending_head(c, target, int(limit), self._settled):
+            low = self._low(target)
+            if low is None:
+                return rows
+            first = None
+            for r in sql.pending_rows(c, target, low, int(limit) + len(self._settled)):
+                first = r[0] if first is None else first
+                if r[0] in self._settled:
+                    continue  # delivered; its mark is not written yet
+                row = sql.to_row(r)
                 if (row.next_attempt_at > now or self._lease_end(row.id) > now
                         or len(rows) >= limit):
                     break
                 rows.append(row)
+            self._found_head(target, first)
             for row in rows:
                 self._leased[row.id] = (now + lease, row.target)
         return rows
@@ -266,9 +301,17 @@ class Outbox(RowAdmin):
         order, so a later row that is due cannot go before a head that is backing off.
         """
         with self.tx() as c:
-            for row_id, due in sql.due_times(c, target, 1 + len(self._settled)):
+            low = self._low(target)
+            if low is None:
+                return None
+            first = None
+            for row_id, due in sql.pending_rows(c, target, low, 1 + len(self._settled),
+                                                "id, next_attempt_at"):
+                first = row_id if first is None else first
                 if row_id not in self._settled:
+                    self._found_head(target, first)
                     return max(due, self._lease_end(row_id))
+            self._found_head(target, first)
         return None
 
     def mark_delivered(self, ids_with_status: Sequence[tuple[int, int]], now: float) -> None:
@@ -366,8 +409,12 @@ class Outbox(RowAdmin):
     def mark_target_dead(self, target: str, now: float, error: str) -> int:
         """Mark every pending row of a target dead without an attempt (target removed)."""
         with self._lock:
+            low = self._low(target)
+            if low is None:
+                return 0
             with self.tx() as c:
-                n = sql.give_up(c, error, "target = ?", (target,))
+                n = sql.give_up(c, error, "id >= ? AND target = ?", (low, target))
+            self._heads.pop(target, None)
             self._apply({"pending": -n, "dead": n})
         return n
 
@@ -400,7 +447,7 @@ class Outbox(RowAdmin):
         """Re-read the counters from the table (after another process wrote to it)."""
         self.flush_marks()
         with self.tx() as c:
-            counts = sql.count_statuses(c)
+            counts, self._heads = sql.census(c)
             self._counts = counts
         return dict(counts)
 
@@ -411,7 +458,8 @@ class Outbox(RowAdmin):
     def pending_by_target(self) -> dict[str, int]:
         """Pending rows per target (delivered marks still in memory count as delivered)."""
         with self.tx() as c:
-            counts = sql.pending_counts(c)
+            low = self._low()
+            counts = {} if low is None else sql.pending_counts(c, low)
             for target, _ in self._settled.values():
                 counts[target] = counts.get(target, 0) - 1
         return {t: n for t, n in counts.items() if n > 0}

@@ -29,6 +29,9 @@ class RowAdmin:
         def flush_marks(self) -> None: ...
         def _apply(self, delta: dict[str, int]) -> None: ...
         def _unlease(self, row_id: int) -> None: ...
+        def _low(self, target: str | None = None) -> int | None: ...
+        def _lower_head(self, target: str, row_id: int) -> None: ...
+        _heads: dict[str, int]
 
     def retry(self, id: int, now: float) -> bool:
         """Make a dead row pending again, due now, with a fresh deadline and its webhook-id.
@@ -40,13 +43,15 @@ class RowAdmin:
         with self._lock:
             self.flush_marks()
             with self.tx() as c:
-                r = c.execute("SELECT status FROM deliveries WHERE id = ?", (id,)).fetchone()
+                r = c.execute("SELECT status, target FROM deliveries WHERE id = ?",
+                              (id,)).fetchone()
                 if r is None or r[0] == "delivered":
                     return False
                 if r[0] == "pending":
                     c.execute("UPDATE deliveries SET next_attempt_at = ? WHERE id = ?", (now, id))
                     return True
                 outbox_sql.requeue(c, now, "id = ?", (id,))
+            self._lower_head(r[1], id)
             self._apply({"dead": -1, "pending": 1})
         return True
 
@@ -54,13 +59,19 @@ class RowAdmin:
         """Make a target's waiting rows due now (its config changed: a fixed URL must
         not wait out a backoff computed for the broken one); returns how many."""
         with self.tx() as c:
-            return outbox_sql.make_due(c, target, now)
+            low = self._low(target)
+            return 0 if low is None else outbox_sql.make_due(c, target, low, now)
 
     def retry_all_dead(self, now: float) -> int:
         """Make every dead row pending again (see :meth:`retry`); returns how many."""
         with self._lock:
             with self.tx() as c:
+                firsts = c.execute(f"SELECT target, MIN(id) FROM deliveries INDEXED BY"
+                                   f" {outbox_sql.DEAD_INDEX} WHERE status = 'dead'"
+                                   " GROUP BY target").fetchall()
                 n = outbox_sql.requeue(c, now, "status = 'dead'", ())
+            for target, first in firsts:
+                self._lower_head(target, first)
             self._apply({"dead": -n, "pending": n})
         return n
 
@@ -94,10 +105,15 @@ class RowAdmin:
         """Delete every pending and dead row of a target; returns how many."""
         with self._lock:
             self.flush_marks()
+            low = self._low(target)
             with self.tx() as c:
-                n = {status: c.execute("DELETE FROM deliveries WHERE status = ? AND target = ?",
-                                       (status, target)).rowcount
-                     for status in ("pending", "dead")}
+                n = {"pending": 0 if low is None else c.execute(
+                    "DELETE FROM deliveries WHERE id >= ? AND status = 'pending' AND target = ?",
+                    (low, target)).rowcount,
+                     "dead": c.execute(
+                    f"DELETE FROM deliveries INDEXED BY {outbox_sql.DEAD_INDEX}"
+                    " WHERE status = 'dead' AND target = ?", (target,)).rowcount}
+            self._heads.pop(target, None)
             self._leased.clear()  # the target's worker claims afresh
             self._apply({s: -k for s, k in n.items()})
         total = sum(n.values())
@@ -113,11 +129,17 @@ class RowAdmin:
             # nearly every row: newest first along the rowid stops after `limit` rows
             where = "" if status is None else "WHERE status = 'delivered'"
             return self._select(where, (), limit)
-        # A literal (checked above), not a parameter, and the partial index named: a
-        # few pending or dead rows among a day of delivered ones are found through
-        # their own index, not by walking the table back from the newest row.
-        index = outbox_sql.STATUS_INDEX[status]
-        return self._select(f"INDEXED BY {index} WHERE status = '{status}'", (), limit)
+        # A few pending or dead rows among a day of delivered ones: dead ones through
+        # their own (partial) index, pending ones along the rowid from the first of
+        # them, never by walking the whole table back from the newest row.
+        if status == "dead":
+            return self._select(f"INDEXED BY {outbox_sql.DEAD_INDEX} WHERE status = 'dead'",
+                                (), limit)
+        with self._lock:
+            low = self._low()
+            if low is None:
+                return []
+            return self._select("WHERE id >= ? AND status = 'pending'", (low,), limit)
 
     def get(self, id: int) -> dict[str, Any] | None:
         """One row in the :meth:`list` shape, or None."""
@@ -127,4 +149,5 @@ class RowAdmin:
     def _select(self, where: str, args: tuple[Any, ...], limit: int) -> list[dict[str, Any]]:
         self.flush_marks()  # a listing shows what is on disk
         with self.tx() as c:
-            return outbox_sql.listing(c, where, args, limit)
+            low = self._low()
+            return outbox_sql.listing(c, where, args, limit, 1 << 62 if low is None else low)

@@ -53,27 +53,28 @@ CREATE TABLE IF NOT EXISTS {name} (
 );
 """
 # Every index is a page a commit may rewrite, and a commit writes whole pages to the
-# SD card: a new row writes the table and deliveries_pending, its delivered mark the
-# same two, and nothing else. Delivered rows need no index of their own: they are
-# listed and pruned along the rowid (ids grow with time).
+# SD card: a new row and the delivered mark of the one before it write one table page
+# and nothing else. Neither delivered nor pending rows have an index: delivered ones
+# are listed and pruned along the rowid (ids grow with time), pending ones are found
+# along the rowid from the first of them, which the outbox keeps in memory. Dead rows,
+# rare and kept until a user acts, have a partial index.
 _SCHEMA = _TABLE.format(name="deliveries") + """
-CREATE INDEX IF NOT EXISTS deliveries_pending ON deliveries(target, id)
-    WHERE status = 'pending';
 CREATE INDEX IF NOT EXISTS deliveries_dead ON deliveries(id) WHERE status = 'dead';
 """
 SCHEMA_VERSION = 4
 # 1 -> 2 dropped an index over every row's status. 2 -> 3 rebuilds the table without
 # AUTOINCREMENT (a sqlite_sequence page per insert) and the webhook_id UNIQUE index,
-# and drops deliveries_delivered: two to three pages fewer per event. 3 -> 4: delivered
-# rows no longer keep their payload nor store their delivering attempt in the history
-# (outbox_sql.mark_delivered), so five of them share a page instead of two.
+# and drops deliveries_delivered: two to three pages fewer per event. 3 -> 4 drops
+# deliveries_pending (a page per commit), and delivered rows no longer keep their
+# payload nor store their delivering attempt in the history (outbox_sql.mark_delivered),
+# so five of them share a page instead of two.
 _REBUILD = (_TABLE.format(name="deliveries_v3") +
             " INSERT INTO deliveries_v3 SELECT * FROM deliveries;"
             " DROP TABLE deliveries; ALTER TABLE deliveries_v3 RENAME TO deliveries;")
 _SLIM_DELIVERED = ("UPDATE deliveries SET history = json_remove(history, '$[#-1]'),"
                    f" {CLEARED} WHERE status = 'delivered';")
 _MIGRATIONS = {2: "DROP INDEX IF EXISTS deliveries_status;", 3: _REBUILD,
-               4: _SLIM_DELIVERED}
+               4: "DROP INDEX IF EXISTS deliveries_pending; " + _SLIM_DELIVERED}
 
 
 class OutboxLocked(EdgehookError):

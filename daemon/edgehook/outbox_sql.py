@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,9 +14,12 @@ from .events import compact_json, rfc3339
 
 HISTORY_MAX = 50  # attempts kept per row (the oldest are dropped)
 
-# Pending and dead rows have an index of their own; naming it lets SQLite read only
-# it (counting, listing) rather than walk a table that holds a day of delivered rows.
-STATUS_INDEX = {"pending": "deliveries_pending", "dead": "deliveries_dead"}
+# Dead rows have an index of their own; naming it lets SQLite read only it (counting,
+# listing) rather than walk a table that holds a day of delivered rows. Pending rows
+# have none (it would be one more page in every commit): every query for them starts
+# at `low`, an id at or below the first pending row that outbox.py keeps in memory,
+# and walks the rowid from there, over the few rows since.
+DEAD_INDEX = "deliveries_dead"
 
 ROW_COLUMNS = ("id, webhook_id, event_id, target, url, method, headers, body, content_type, "
                 "attempts, max_attempts, created_at, next_attempt_at, deadline")
@@ -84,22 +87,18 @@ def insert(c: sqlite3.Connection, rows: Sequence[Row], items: Sequence[NewDelive
     return int(c.execute("SELECT last_insert_rowid()").fetchone()[0]) - len(rows) + 1
 
 
-def pending_head(c: sqlite3.Connection, target: str, n: int,
-                 skip: Collection[int] = ()) -> Iterator[Row]:
-    """The first `n` pending rows of a target, oldest first, passing over the ids in
-    `skip` (delivered, their marks not written yet) without building them. Lazy: a
-    claim that stops at a row backing off builds nothing behind it."""
-    for r in c.execute(f"SELECT {ROW_COLUMNS} FROM deliveries WHERE status = 'pending'"
-                       " AND target = ? ORDER BY id LIMIT ?", (target, n + len(skip))):
-        if r[0] not in skip:
-            yield Row(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6]), r[7], r[8], r[9],
-                      r[10], r[11], r[12], r[13])
+def pending_rows(c: sqlite3.Connection, target: str, low: int, n: int,
+                 columns: str = ROW_COLUMNS) -> sqlite3.Cursor:
+    """The first `n` pending rows of a target from id `low` on, oldest first (`columns`
+    of each; ``id`` first). Lazy: a claim that stops early reads nothing behind."""
+    return c.execute(f"SELECT {columns} FROM deliveries WHERE id >= ? AND target = ?"
+                     " AND status = 'pending' ORDER BY id LIMIT ?", (low, target, n))
 
 
-def due_times(c: sqlite3.Connection, target: str, n: int) -> list[tuple[int, float]]:
-    """(id, next attempt) of the first `n` pending rows of a target."""
-    return c.execute("SELECT id, next_attempt_at FROM deliveries WHERE status = 'pending'"
-                     " AND target = ? ORDER BY id LIMIT ?", (target, n)).fetchall()
+def to_row(r: Sequence[Any]) -> Row:
+    """A :data:`ROW_COLUMNS` record as a :class:`Row`."""
+    return Row(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6]), r[7], r[8], r[9], r[10],
+               r[11], r[12], r[13])
 
 
 def pending_target(c: sqlite3.Connection, row_id: int) -> str | None:
@@ -152,38 +151,43 @@ def requeue(c: sqlite3.Connection, now: float, where: str, args: tuple[Any, ...]
                      (now, now, *args)).rowcount
 
 
-def make_due(c: sqlite3.Connection, target: str, now: float) -> int:
-    """A target's pending rows waiting past `now` become due now."""
-    return c.execute("UPDATE deliveries SET next_attempt_at = ? WHERE status = 'pending'"
-                     " AND target = ? AND next_attempt_at > ?", (now, target, now)).rowcount
+def make_due(c: sqlite3.Connection, target: str, low: int, now: float) -> int:
+    """A target's pending rows (from id `low` on) waiting past `now` become due now."""
+    return c.execute("UPDATE deliveries SET next_attempt_at = ? WHERE id >= ?"
+                     " AND status = 'pending' AND target = ? AND next_attempt_at > ?",
+                     (now, low, target, now)).rowcount
 
 
-def count_statuses(c: sqlite3.Connection) -> dict[str, int]:
-    """Rows per status; delivered ones are what the two partial indexes do not count."""
-    counts = {status: c.execute(f"SELECT COUNT(*) FROM deliveries INDEXED BY {index}"
-                                f" WHERE status = '{status}'").fetchone()[0]
-              for status, index in STATUS_INDEX.items()}
-    total = c.execute("SELECT COUNT(*) FROM deliveries").fetchone()[0]
-    counts["delivered"] = total - counts["pending"] - counts["dead"]
-    return counts
+def census(c: sqlite3.Connection) -> tuple[dict[str, int], dict[str, int]]:
+    """Rows per status, and each target's first pending id: one walk of the whole table
+    (at open, and after another process wrote to the file)."""
+    counts = dict.fromkeys(("pending", "delivered", "dead"), 0)
+    heads: dict[str, int] = {}
+    for status, target, first, n in c.execute(
+            "SELECT status, target, MIN(id), COUNT(*) FROM deliveries GROUP BY status, target"):
+        counts[status] += n
+        if status == "pending":
+            heads[target] = first
+    return counts, heads
 
 
-def pending_counts(c: sqlite3.Connection) -> dict[str, int]:
-    """Pending rows per target."""
-    return dict(c.execute("SELECT target, COUNT(*) FROM deliveries INDEXED BY"
-                          " deliveries_pending WHERE status = 'pending' GROUP BY target"))
+def pending_counts(c: sqlite3.Connection, low: int) -> dict[str, int]:
+    """Pending rows per target (none below id `low`)."""
+    return dict(c.execute("SELECT target, COUNT(*) FROM deliveries WHERE id >= ?"
+                          " AND status = 'pending' GROUP BY target", (low,)))
 
 
-def listing(c: sqlite3.Connection, where: str, args: tuple[Any, ...],
-            limit: int) -> list[dict[str, Any]]:
+def listing(c: sqlite3.Connection, where: str, args: tuple[Any, ...], limit: int,
+            low: int) -> list[dict[str, Any]]:
     """Rows for the API and CLI, newest first; never the URL, headers or body. A pending
-    row that is not the head of its target's queue says which row it waits behind."""
+    row that is not the head of its target's queue says which row it waits behind
+    (no pending row is below id `low`)."""
     rows = c.execute("SELECT id, webhook_id, event_id, target, status, attempts, max_attempts,"
                      " next_attempt_at, last_error, last_status, created_at, delivered_at,"
                      f" deadline, history FROM deliveries {where} ORDER BY id DESC LIMIT ?",
                      (*args, int(limit))).fetchall()
-    heads = dict(c.execute("SELECT target, MIN(id) FROM deliveries INDEXED BY"
-                           " deliveries_pending WHERE status = 'pending' GROUP BY target"))
+    heads = dict(c.execute("SELECT target, MIN(id) FROM deliveries WHERE id >= ?"
+                           " AND status = 'pending' GROUP BY target", (low,)))
     return [{
         "waiting_behind": heads[r[3]] if r[4] == "pending" and heads.get(r[3], r[0]) < r[0]
         else None,
