@@ -6,6 +6,7 @@ import dataclasses
 import os
 import re
 import sqlite3
+import threading
 import time
 from pathlib import Path
 
@@ -401,6 +402,49 @@ def test_a_delivered_row_keeps_its_record_and_gives_up_its_payload(box: Outbox) 
         {"at": listed["delivered_at"], "status": 204, "error": None}]
     assert listed["webhook_id"].startswith("msg_") and listed["event_id"] == "ev0"
     assert not box.retry(ids[0], now)  # and a delivered row cannot be sent again
+
+
+def on_disk(path: Path) -> dict[int, str]:
+    """Row statuses as another connection reads them: what has been committed."""
+    db = sqlite3.connect(path)
+    try:
+        return dict(db.execute("SELECT id, status FROM deliveries"))
+    finally:
+        db.close()
+
+
+def test_a_delivered_mark_waits_for_a_commit_then_is_written_by_itself(
+        box: Outbox, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ob, "MARK_LAG", 0.3)
+    for round_ in range(2):  # and the second time by the same thread
+        (row_id,) = box.add([item(round_)])
+        box.mark_delivered([(row_id, 204)], time.time())
+        assert on_disk(box.path)[row_id] == "pending"  # waiting to share a commit
+        assert box.counts()["delivered"] == round_ + 1  # counted at once
+        deadline = time.monotonic() + 10
+        while on_disk(box.path)[row_id] != "delivered":
+            assert time.monotonic() < deadline, "the mark was never written"
+            time.sleep(0.02)
+    assert [t.name for t in threading.enumerate()].count("edgehook-marks") == 1
+
+
+def test_a_waiting_mark_shares_the_next_commit(box: Outbox,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ob, "MARK_LAG", 60.0)
+    (first,) = box.add([item(0)])
+    box.mark_delivered([(first, 204)], time.time())
+    (second,) = box.add([item(1)])
+    assert on_disk(box.path) == {first: "delivered", second: "pending"}
+
+
+def test_marks_of_a_burst_are_written_once_mark_max_wait(
+        box: Outbox, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ob, "MARK_LAG", 60.0)
+    ids = box.add([item(i) for i in range(ob.MARK_MAX)])
+    box.mark_delivered([(i, 204) for i in ids[:-1]], time.time())
+    assert set(on_disk(box.path).values()) == {"pending"}
+    box.mark_delivered([(ids[-1], 204)], time.time())
+    assert set(on_disk(box.path).values()) == {"delivered"}
 
 
 def test_a_version_3_file_slims_its_delivered_rows_once(tmp_path: Path) -> None:

@@ -24,7 +24,6 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -98,7 +97,10 @@ class Outbox(RowAdmin):
         self._leased: dict[int, tuple[float, str]] = {}
         # delivered, mark not written yet: row id -> (target, the mark's UPDATE arguments)
         self._settled: dict[int, tuple[str, tuple[Any, ...]]] = {}
-        self._mark_timer: threading.Timer | None = None
+        # the oldest waiting mark's time; a thread of its own writes them MARK_LAG later
+        self._marks_since = 0.0
+        self._mark_wake = threading.Condition(self._lock)
+        self._mark_thread: threading.Thread | None = None
         # target -> an id no pending row of it is below (exact after each claim); a
         # target that is not here has none. There is no index over pending rows (one
         # more page per commit on the SD card): their queries walk the rowid from here.
@@ -242,17 +244,19 @@ class Outbox(RowAdmin):
             why = self._refusal(len(items))
             if why is not None:
                 raise OutboxFull(why)
-            new = [Row(0, "msg_" + new_id(now), d.event_id, d.target, d.url, d.method,
-                       dict(d.headers), bytes(d.body), d.content_type, 0, int(d.max_attempts),
-                       now, now, now + float(d.max_age)) for d in items]
+            webhook_ids = ["msg_" + new_id(now) for _ in items]
             with self.tx() as c:
                 self._write_marks(c)
-                first = sql.insert(c, new, items)
+                first = sql.insert(c, items, webhook_ids, now)
             self._marks_written()
             self._apply({"pending": len(items)})
-            for i, d in enumerate(items):
-                self._lower_head(d.target, first + i)
-        return [replace(r, id=first + i) for i, r in enumerate(new)]
+            rows = [Row(first + i, webhook_id, d.event_id, d.target, d.url, d.method,
+                        dict(d.headers), bytes(d.body), d.content_type, 0, int(d.max_attempts),
+                        now, now, now + float(d.max_age))
+                    for i, (webhook_id, d) in enumerate(zip(webhook_ids, items, strict=True))]
+            for row in rows:
+                self._lower_head(row.target, row.id)
+        return rows
 
     def claim(self, target: str, limit: int, now: float, lease: float = LEASE) -> list[Row]:
         """Lease the due head of a target's queue, oldest first.
@@ -339,10 +343,28 @@ class Outbox(RowAdmin):
             if len(self._settled) >= MARK_MAX:
                 self.flush_marks()  # a burst: one commit per MARK_MAX deliveries, and
                 # claims do not wade through a long run of delivered rows
-            elif self._settled and self._mark_timer is None and not self._closed:
-                self._mark_timer = threading.Timer(MARK_LAG, self.flush_marks)
-                self._mark_timer.daemon = True
-                self._mark_timer.start()
+            elif n and len(self._settled) == n and not self._closed:
+                self._marks_since = time.monotonic()  # the first to wait
+                if self._mark_thread is None:
+                    self._mark_thread = threading.Thread(
+                        target=self._write_marks_later, name="edgehook-marks", daemon=True)
+                    self._mark_thread.start()
+                self._mark_wake.notify()
+
+    def _write_marks_later(self) -> None:
+        """The marks' own thread: writes waiting marks once the oldest is ``MARK_LAG``
+        old, unless a commit took them first. Sleeps without a timeout while none wait
+        (an idle daemon never wakes), and retries a failed write ``MARK_LAG`` later."""
+        with self._mark_wake:
+            while not self._closed:
+                left = self._marks_since + MARK_LAG - time.monotonic()
+                if not self._settled:
+                    self._mark_wake.wait()
+                elif left > 0:
+                    self._mark_wake.wait(left)
+                else:
+                    self._marks_since = time.monotonic()  # after a failure: wait again
+                    self.flush_marks()
 
     def _target_of(self, row_id: int) -> str | None:
         with self.tx() as c:
@@ -362,22 +384,17 @@ class Outbox(RowAdmin):
     def _marks_written(self) -> None:
         """After the commit that held them: the marks are on disk."""
         self._settled.clear()
-        if self._mark_timer is not None:
-            self._mark_timer.cancel()
-            self._mark_timer = None
 
     def flush_marks(self) -> None:
-        """Write the delivered marks waiting in memory now (timer, listings, close)."""
+        """Write the delivered marks waiting in memory now (their thread, listings, close)."""
         with self._lock:
             if not self._settled or self._closed:
-                self._mark_timer = None
                 return
             try:
                 with self.tx() as c:
                     self._write_marks(c)
             except OutboxError as exc:  # kept in memory: the next commit tries again
                 _LOG.warning("outbox: could not write delivered marks yet: %s", exc)
-                self._mark_timer = None
                 return
             self._marks_written()
 
@@ -484,8 +501,9 @@ class Outbox(RowAdmin):
                 return
             self.flush_marks()
             self._closed = True  # from here on tx() raises
-            if self._mark_timer is not None:
-                self._mark_timer.cancel()
+            self._mark_wake.notify_all()
+        if self._mark_thread is not None and self._mark_thread is not threading.current_thread():
+            self._mark_thread.join(5)
         try:
             with self._lock:
                 self._db.close()  # the last connection to close checkpoints the rest

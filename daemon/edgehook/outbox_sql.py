@@ -74,17 +74,18 @@ def attempt_json(now: float, status: int | None, error: str | None) -> str:
     return json.dumps({"at": rfc3339(now), "status": status, "error": error})
 
 
-def insert(c: sqlite3.Connection, rows: Sequence[Row], items: Sequence[NewDelivery]) -> int:
-    """INSERT new rows; returns the first id (a batch's ids are consecutive: new rowids
-    are max + 1, taken under the write lock)."""
+def insert(c: sqlite3.Connection, items: Sequence[NewDelivery], webhook_ids: Sequence[str],
+           now: float) -> int:
+    """INSERT new rows, created and due at `now`; returns the first id (a batch's ids
+    are consecutive: new rowids are max + 1, taken under the write lock)."""
     c.executemany(
         "INSERT INTO deliveries (webhook_id, event_id, target, url, method, headers, body,"
         " content_type, max_attempts, max_age, created_at, next_attempt_at, deadline)"
         " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-        [(r.webhook_id, r.event_id, r.target, r.url, r.method, compact_json(r.headers),
-          r.body, r.content_type, r.max_attempts, float(d.max_age), r.created_at,
-          r.next_attempt_at, r.deadline) for r, d in zip(rows, items, strict=True)])
-    return int(c.execute("SELECT last_insert_rowid()").fetchone()[0]) - len(rows) + 1
+        [(w, d.event_id, d.target, d.url, d.method, compact_json(d.headers), bytes(d.body),
+          d.content_type, int(d.max_attempts), float(d.max_age), now, now,
+          now + float(d.max_age)) for w, d in zip(webhook_ids, items, strict=True)])
+    return int(c.execute("SELECT last_insert_rowid()").fetchone()[0]) - len(items) + 1
 
 
 def pending_rows(c: sqlite3.Connection, target: str, low: int, n: int,
