@@ -395,6 +395,21 @@ def test_each_origin_keeps_its_own_connection(serve) -> None:
     assert b.requests[0].startswith(b"POST /two HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n" % b.port)
 
 
+def test_an_origin_whose_pool_was_closed_for_room_gets_a_new_one(serve) -> None:
+    """More origins than NUMPOOLS: the least recently asked-for pool is closed (its
+    connection too), and a later request to its origin opens a new one."""
+    a = serve(answer_then_expect_eof(OK), answer(CREATED))
+    others = [serve(answer(OK)) for _ in range(transport.NUMPOOLS)]
+    c = client()
+    assert post(c, a.url("/one")).status == 200
+    for other in others:
+        assert post(c, other.url()).status == 200
+    assert a.events["eof"].wait(WAIT)  # the first pool was closed to make room
+    assert post(c, a.url("/two")).status == 201
+    a.finish()
+    assert a.accepts == 2
+
+
 # --------------------------------------------------------------------------- reconnects
 
 def _answer_then_close(peer: Peer) -> None:
@@ -742,6 +757,21 @@ def test_unsendable_request_is_refused_before_anything_is_sent(
     assert r.error is not None and SECRET not in r.error
     srv.finish()
     assert srv.accepts == 0
+
+
+@pytest.mark.parametrize(("headers", "why"), [
+    ({"A": "x", "B": "caf\u00e9"}, None),  # Latin-1 is fine
+    ({"A": "x\ty"}, None),
+    ({"A": "\u20ac", "B": "x\ny"}, "a header value is not Latin-1"),  # the first one's reason
+    ({"A": "x\ny", "B": "\u20ac"}, "a header name or value HTTP cannot carry"),
+    ({"A": "\u20ac", "B C": "x"}, "a header value is not Latin-1"),
+    ({"B C": "x", "A": "\u20ac"}, "a header name or value HTTP cannot carry"),
+])
+def test_header_check_names_the_first_unusable_header(headers: dict[str, str],
+                                                      why: str | None) -> None:
+    for _ in range(2):  # the second time with the names remembered
+        found = transport._check_request("POST", headers)
+        assert found == (None if why is None else f"invalid request: {why}")
 
 
 @pytest.mark.parametrize("url", [

@@ -50,9 +50,10 @@ from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
 import urllib3
+from urllib3.connectionpool import HTTPConnectionPool
 from urllib3.exceptions import HTTPError as Urllib3Error
 from urllib3.exceptions import LocationParseError, ProxyError, ProxySchemeUnknown
-from urllib3.util import Timeout, make_headers, parse_url
+from urllib3.util import Retry, Timeout, make_headers, parse_url
 
 from .metered import CURRENT, POOLS, Budget, MeteredSSLSocket, ResponseTooLarge
 
@@ -66,6 +67,9 @@ _BAD_URL_CHARS = re.compile(r"[\x00-\x20\x7f]")  # what http.client refuses too
 _BAD_VALUE_CHARS = re.compile(r"[\x00\r\n]")
 _STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError,
           ConnectionAbortedError)
+# What urllib3 makes of ``retries=False, redirect=False`` on every request
+# (Retry.from_int), made once: a Retry is never changed (increment() makes a new one)
+_NO_RETRIES = Retry(False, redirect=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,9 +178,30 @@ def parse_target(url: str) -> Target:
 
 
 def _check_request(method: str, headers: Mapping[str, str]) -> str | None:
-    """Why the method or a header cannot go on the wire (quoting no value), or None."""
-    if not _TOKEN.fullmatch(method):
-        return "invalid request: the method is not an HTTP token"
+    """Why the method or a header cannot go on the wire (quoting no value), or None.
+
+    A request carries the same few header names every time (the config's and the
+    sender's own), so a name once found to be a token is remembered, and the values
+    are checked at once, joined by a tab (which a value may hold). Only when that
+    finds something does :func:`_first_bad` go header by header for the reason.
+    """
+    if method not in _GOOD_NAMES:
+        if not _TOKEN.fullmatch(method):
+            return "invalid request: the method is not an HTTP token"
+        _remember(method)
+    for name in headers:
+        if name not in _GOOD_NAMES:
+            if not _TOKEN.fullmatch(name):
+                return _first_bad(headers)
+            _remember(name)
+    values = "\t".join(headers.values())
+    if _BAD_VALUE_CHARS.search(values) or not values.isascii():
+        return _first_bad(headers)  # (or a Latin-1 value that is fine: then None)
+    return None
+
+
+def _first_bad(headers: Mapping[str, str]) -> str | None:
+    """The reason the first unusable header cannot go on the wire, or None."""
     for name, value in headers.items():
         if not _TOKEN.fullmatch(name) or _BAD_VALUE_CHARS.search(value):
             return "invalid request: a header name or value HTTP cannot carry"
@@ -185,6 +210,14 @@ def _check_request(method: str, headers: Mapping[str, str]) -> str | None:
         except UnicodeEncodeError:
             return "invalid request: a header value is not Latin-1"
     return None
+
+
+def _remember(name: str) -> None:
+    if len(_GOOD_NAMES) < 1024:  # names come from the config: a few dozen at most
+        _GOOD_NAMES.add(name)
+
+
+_GOOD_NAMES: set[str] = set()  # method and header names found to be HTTP tokens
 
 
 # --------------------------------------------------------------------------- errors
@@ -252,6 +285,9 @@ class Transport:
         self._context: ssl.SSLContext | None = None
         self._managers: dict[str | None, urllib3.PoolManager] = {}  # by proxy URL
         self._routes: dict[tuple[str, str, int], str | None] = {}  # origin -> proxy
+        # origin -> the direct manager's pool key for it, and the pool's settings
+        # (see _direct_pool; cleared when the manager's settings change)
+        self._pool_keys: dict[tuple[str, str, int], tuple[Any, dict[str, Any]]] = {}
 
     def configure(self, tls: TlsFiles | None) -> None:
         """Use these TLS files from now on (connections made with others are closed)."""
@@ -265,6 +301,7 @@ class Transport:
             manager.clear()
         self._managers.clear()
         self._routes.clear()
+        self._pool_keys.clear()
         self._context = None
 
     def _proxy_for(self, target: Target) -> str | None:
@@ -298,7 +335,30 @@ class Transport:
             if self._context is None:
                 self._context = tls_context(self._tls)
             manager.connection_pool_kw["ssl_context"] = self._context
+            self._pool_keys.clear()  # a pool key includes the manager's settings
         return manager
+
+    def _direct_pool(self, manager: urllib3.PoolManager, target: Target) -> HTTPConnectionPool:
+        """What ``manager.connection_from_host`` answers for the target's origin.
+
+        That builds the pool's settings and normalises them into a pool key on every
+        call, for a key that changes only with the manager's settings. The key is
+        made here once per origin, as connection_from_host makes it, and the manager
+        is asked by key: it still keeps its ``NUMPOOLS`` most recently used pools and
+        makes a pool when it has none for the key.
+        """
+        origin = (target.scheme, target.pool_host, target.port)
+        known = self._pool_keys.get(origin)
+        if known is None:
+            context = dict(manager.connection_pool_kw, scheme=target.scheme,
+                           port=target.port, host=target.pool_host)
+            known = (manager.key_fn_by_scheme[target.scheme](context), context)
+            if len(self._pool_keys) >= 64:  # (a URL template could name many hosts)
+                self._pool_keys.clear()
+            self._pool_keys[origin] = known
+        key, context = known
+        return manager.connection_from_pool_key(key, dict(context))  # (a new pool takes
+        # its settings from the dict and empties it)
 
     def send(self, method: str, url: str, headers: Mapping[str, str], body: bytes,
              timeout: float) -> Result:
@@ -338,14 +398,13 @@ class Transport:
                   budget: Budget) -> Result:
         left = max(budget.deadline - time.monotonic(), 0.001)
         kw: dict[str, Any] = {"body": body, "headers": headers, "redirect": False,
-                              "retries": False, "preload_content": False,
+                              "retries": _NO_RETRIES, "preload_content": False,
                               "decode_content": False, "timeout": Timeout(connect=left,
                                                                           read=left)}
         try:
             if proxy is None:  # straight to the origin's pool: what PoolManager.urlopen
                 # does after parsing the URL again, which parse_target did once
-                pool = manager.connection_from_host(target.pool_host, target.port,
-                                                    target.scheme)
+                pool = self._direct_pool(manager, target)
                 resp = pool.urlopen(method, target.request_uri, assert_same_host=False, **kw)
             else:
                 resp = manager.urlopen(method, target.url, **kw)
@@ -376,7 +435,8 @@ class Transport:
 def _read_body(resp: urllib3.BaseHTTPResponse) -> bool:
     """Read the body to its end and throw it away: True when it was all read (the
     connection can be reused), False when it is larger than ``MAX_RESPONSE``. Reads
-    until urllib3 says the body is done, so a body cut short is an error."""
+    until urllib3 says the body is done, so a body cut short is an error; a body of
+    a known length is done once that many bytes came (no read just to hear so)."""
     total = 0
     while True:
         chunk = resp.read(MAX_RESPONSE + 1 - total, decode_content=False)
@@ -385,6 +445,8 @@ def _read_body(resp: urllib3.BaseHTTPResponse) -> bool:
         total += len(chunk)
         if total > MAX_RESPONSE:
             return False
+        if resp.length_remaining == 0:
+            return True
 
 
 class _StaleConnection(Exception):
