@@ -31,7 +31,13 @@ from edgehook.config import (
 )
 from edgehook.events import Event
 from edgehook.mqtt import MqttLink
-from edgehook.mqtt_messages import decode_payload, filter_covers, minimal_filters, parse_command
+from edgehook.mqtt_messages import (
+    decode_payload,
+    filter_covers,
+    minimal_filters,
+    parse_command,
+    snapshot,
+)
 
 DEVICE = Device(id="testdev", name="Test device")
 PREFIX = "edgehook/testdev"
@@ -105,6 +111,18 @@ def probe(mosquitto: Mosquitto) -> Iterator[MqttProbe]:  # noqa: F811
 
 
 # --------------------------------------------------------------------------- pure parts
+
+def test_snapshot_knows_its_trigger_topics_and_command_head() -> None:
+    cfg = MqttConfig(host="127.0.0.1", port=1883, topic_prefix=PREFIX)
+    snap = snapshot(cfg, DEVICE, GPIO, [("sensors/+/temp", 1), ("$SYS/#", 0)])
+    for _ in range(2):  # the second time from memory
+        assert snap.is_trigger("sensors/kitchen/temp")
+        assert not snap.is_trigger("sensors/kitchen/humidity")
+        assert not snap.is_trigger("sensors/temp")
+        assert snap.is_trigger("$SYS/broker/uptime")
+    assert snap.command_head == f"{PREFIX}/output/"
+    assert snap.ha_status_topic == f"{cfg.ha_prefix}/status"
+
 
 def test_filter_covers_and_minimal_filters() -> None:
     assert filter_covers("#", "a/b")

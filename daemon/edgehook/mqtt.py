@@ -440,7 +440,7 @@ class MqttLink:
                          len(payload), topic, snap.cfg.max_payload)
             return False
         retain = bool(msg.retain)
-        cmd_head = f"{snap.prefix}/output/"
+        cmd_head = snap.command_head
         if topic.startswith(cmd_head) and topic.endswith("/set"):
             name = topic[len(cmd_head):-len("/set")]
             if name and "/" not in name:
@@ -448,7 +448,7 @@ class MqttLink:
         elif (topic == snap.ha_status_topic and snap.cfg.ha_discovery and not retain
               and payload.strip().lower() == b"online"):
             self._reannounce()  # a retained "online" arrives on every subscribe: skip it
-        if next(snap.triggers.iter_match(topic), None) is None:
+        if not snap.is_trigger(topic):
             return False
         value, is_b64 = decode_payload(payload)
         data: dict[str, Any] = {"topic": topic, "payload": value, "retain": retain,

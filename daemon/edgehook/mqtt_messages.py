@@ -7,7 +7,8 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from paho.mqtt.matcher import MQTTMatcher
@@ -125,6 +126,9 @@ class Snapshot:
     triggers: MQTTMatcher  # trigger filters only
     subscriptions: dict[str, int]  # what we subscribe (minimal cover)
     discovery: list[Message]  # empty when discovery is off
+    # topic -> whether a trigger matches it (see is_trigger)
+    _trigger_topics: dict[str, bool] = field(default_factory=dict, repr=False,
+                                             compare=False)
 
     @property
     def prefix(self) -> str:
@@ -134,9 +138,30 @@ class Snapshot:
     def status_topic(self) -> str:
         return f"{self.cfg.topic_prefix}/status"
 
-    @property
+    # (cached_property: the link reads these for every message it gets)
+    @cached_property
     def ha_status_topic(self) -> str:
         return f"{self.cfg.ha_prefix}/status"
+
+    @cached_property
+    def command_head(self) -> str:
+        """What an output command's topic starts with: ``<prefix>/output/``."""
+        return f"{self.cfg.topic_prefix}/output/"
+
+    def is_trigger(self, topic: str) -> bool:
+        """True when a trigger filter matches `topic`.
+
+        Remembered per topic: devices publish to the same few topics over and over,
+        and paho's matcher walks its tree with a generator for every message. The
+        answer cannot change (a reload makes a new snapshot); the memory is bounded.
+        """
+        hit = self._trigger_topics.get(topic)
+        if hit is None:
+            hit = next(self.triggers.iter_match(topic), None) is not None
+            if len(self._trigger_topics) >= 1024:
+                self._trigger_topics.clear()
+            self._trigger_topics[topic] = hit
+        return hit
 
 
 def snapshot(cfg: MqttConfig, device: Device, gpio: GpioConfig,
