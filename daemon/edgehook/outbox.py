@@ -101,6 +101,7 @@ class Outbox(RowAdmin):
         self._marks_since = 0.0
         self._mark_wake = threading.Condition(self._lock)
         self._mark_thread: threading.Thread | None = None
+        self._marks_idle = False  # that thread waits for marks with no timeout
         # target -> an id no pending row of it is below (exact after each claim); a
         # target that is not here has none. There is no index over pending rows (one
         # more page per commit on the SD card): their queries walk the rowid from here.
@@ -349,7 +350,8 @@ class Outbox(RowAdmin):
                     self._mark_thread = threading.Thread(
                         target=self._write_marks_later, name="edgehook-marks", daemon=True)
                     self._mark_thread.start()
-                self._mark_wake.notify()
+                elif self._marks_idle:  # (else it is on a timeout that will see these:
+                    self._mark_wake.notify()  # no wake-up per delivery)
 
     def _write_marks_later(self) -> None:
         """The marks' own thread: writes waiting marks once the oldest is ``MARK_LAG``
@@ -359,7 +361,9 @@ class Outbox(RowAdmin):
             while not self._closed:
                 left = self._marks_since + MARK_LAG - time.monotonic()
                 if not self._settled:
+                    self._marks_idle = True
                     self._mark_wake.wait()
+                    self._marks_idle = False
                 elif left > 0:
                     self._mark_wake.wait(left)
                 else:
