@@ -106,8 +106,17 @@ def wait_quiet(pid: int, still: float = 3.0, limit: float = 30.0) -> None:
 
 
 def fs_type(path: Path) -> str:
-    return subprocess.run(["stat", "-f", "-c", "%T", str(path)], capture_output=True,
-                          text=True).stdout.strip() or "?"
+    """The file system type under `path`: findmnt names ext4 as such, where `stat -f`
+    (a fallback) says "ext2/ext3" for all three (they share one magic number)."""
+    for cmd in (["findmnt", "-n", "-o", "FSTYPE", "-T", str(path)],
+                ["stat", "-f", "-c", "%T", str(path)]):
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True).stdout.strip()
+        except OSError:
+            continue
+        if out:
+            return out
+    return "?"
 
 
 def disk_dir() -> Path:
