@@ -515,6 +515,27 @@ def test_pending_rows_are_found_wherever_their_ids_fall(box: Outbox) -> None:
     assert [r.id for r in box.claim("b", 10, soon)] == [0]
 
 
+def test_a_retry_made_in_the_file_beside_the_daemon_is_claimed_after_recount(
+        box: Outbox) -> None:
+    """`edgehook outbox retry` writes the file itself when the daemon's API is away;
+    the daemon's reload recounts (its first pending ids included) before any claim."""
+    now = time.time()
+    soon = now + 60
+    (old,) = box.add([item(0)])
+    box.mark_dead(old, now, "HTTP 500", 500)
+    later = box.add([item(1)])
+    assert [r.id for r in box.claim("t", 10, soon)] == later
+    box.mark_delivered([(later[0], 204)], now)
+    beside = Outbox(box.path, exclusive=False)  # the CLI
+    try:
+        assert beside.retry(old, now)
+    finally:
+        beside.close()
+    box.recount()
+    assert [r.id for r in box.claim("t", 10, soon)] == [old]
+    assert box.counts() == {"pending": 1, "delivered": 1, "dead": 0}
+
+
 def test_queries_that_grow_with_the_table_use_an_index(box: Outbox) -> None:
     """Delivered rows pile up for 24 h (thousands a day): pruning and listing a status
     must not scan the whole table. (Only :meth:`Outbox.recount`, at open and after

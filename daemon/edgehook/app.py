@@ -243,6 +243,8 @@ class Daemon:
         # only the new config has (the store looks targets up in self.cfg)
         self.cfg = new
         self.dispatcher.engine = engine  # swapped as one reference
+        # a CLI may have changed the file while the API was away: seen before any claim
+        self.outbox.recount()
         now = time.time()
         for name, target in new.webhooks.items():
             if name in old.webhooks and old.webhooks[name] != target:
@@ -251,7 +253,6 @@ class Daemon:
                     _LOG.info("webhook %s changed: its %d waiting delivery(ies) are tried now",
                               name, n)
         self.sender.reload(new.webhooks)  # senders re-read their queues from the file
-        self.outbox.recount()  # a CLI may have changed the file while the API was away
         if self.time_triggers:
             self.time_triggers.stop()
         if self.silence:
