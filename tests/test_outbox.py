@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 import sqlite3
@@ -426,6 +427,36 @@ def test_a_delivered_mark_waits_for_a_commit_then_is_written_by_itself(
             assert time.monotonic() < deadline, "the mark was never written"
             time.sleep(0.02)
     assert [t.name for t in threading.enumerate()].count("edgehook-marks") == 1
+
+
+def test_marks_that_cannot_be_written_are_retried_and_said_once(
+        box: Outbox, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Another process holds the write lock (as a full disk would refuse the write):
+    the marks' thread keeps trying, later and later, says so once, and says when the
+    marks are on disk again."""
+    monkeypatch.setattr(ob, "MARK_LAG", 0.02)
+    caplog.set_level(logging.INFO, logger="edgehook.outbox")
+    box._db.execute("PRAGMA busy_timeout = 10")
+    (row_id,) = box.add([item(0)])
+    assert [r.id for r in box.claim("t", 1, time.time() + 60)] == [row_id]  # as a sender does
+    other = sqlite3.connect(box.path, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")  # nobody else may write now
+        box.mark_delivered([(row_id, 204)], time.time())
+        deadline = time.monotonic() + 10
+        while box._marks_failing < 3:
+            assert time.monotonic() < deadline, "the marks were not tried again"
+            time.sleep(0.01)
+        said = [r for r in caplog.records if "could not write delivered marks" in r.message]
+        assert len(said) == 1
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    deadline = time.monotonic() + 10
+    while on_disk(box.path)[row_id] != "delivered":
+        assert time.monotonic() < deadline, "the marks were never written"
+        time.sleep(0.02)
+    assert "delivered marks written again" in caplog.text
 
 
 def test_a_waiting_mark_shares_the_next_commit(box: Outbox,

@@ -102,6 +102,7 @@ class Outbox(RowAdmin):
         self._mark_wake = threading.Condition(self._lock)
         self._mark_thread: threading.Thread | None = None
         self._marks_idle = False  # that thread waits for marks with no timeout
+        self._marks_failing = 0   # writes of marks that failed in a row
         # target -> an id no pending row of it is below (exact after each claim); a
         # target that is not here has none. There is no index over pending rows (one
         # more page per commit on the SD card): their queries walk the rowid from here.
@@ -356,7 +357,7 @@ class Outbox(RowAdmin):
     def _write_marks_later(self) -> None:
         """The marks' own thread: writes waiting marks once the oldest is ``MARK_LAG``
         old, unless a commit took them first. Sleeps without a timeout while none wait
-        (an idle daemon never wakes), and retries a failed write ``MARK_LAG`` later."""
+        (an idle daemon never wakes); a failed write is tried again later and later."""
         with self._mark_wake:
             while not self._closed:
                 left = self._marks_since + MARK_LAG - time.monotonic()
@@ -367,8 +368,11 @@ class Outbox(RowAdmin):
                 elif left > 0:
                     self._mark_wake.wait(left)
                 else:
-                    self._marks_since = time.monotonic()  # after a failure: wait again
                     self.flush_marks()
+                    # after a failure (a full disk): try again later and later, up to a
+                    # minute apart
+                    self._marks_since = time.monotonic() + min(
+                        MARK_LAG * (2 ** min(self._marks_failing, 6) - 1), 60.0)
 
     def _target_of(self, row_id: int) -> str | None:
         with self.tx() as c:
@@ -388,6 +392,9 @@ class Outbox(RowAdmin):
     def _marks_written(self) -> None:
         """After the commit that held them: the marks are on disk."""
         self._settled.clear()
+        if self._marks_failing:
+            _LOG.info("outbox: delivered marks written again")
+            self._marks_failing = 0
 
     def flush_marks(self) -> None:
         """Write the delivered marks waiting in memory now (their thread, listings, close)."""
@@ -398,7 +405,9 @@ class Outbox(RowAdmin):
                 with self.tx() as c:
                     self._write_marks(c)
             except OutboxError as exc:  # kept in memory: the next commit tries again
-                _LOG.warning("outbox: could not write delivered marks yet: %s", exc)
+                if not self._marks_failing:  # once per outage, not once per try
+                    _LOG.warning("outbox: could not write delivered marks yet: %s", exc)
+                self._marks_failing += 1
                 return
             self._marks_written()
 
