@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from edgehook import outbox as ob
 from edgehook.errors import EdgehookError
@@ -662,3 +664,79 @@ def test_a_requeued_dead_row_no_longer_shows_its_old_error(box: Outbox) -> None:
     row = box.get(row_id)
     assert row is not None and row["status"] == "pending" and row["last_error"] is None
     assert row["history"] and row["history"][-1]["status"] == 503  # the attempt is kept
+
+
+def test_a_row_delivered_a_moment_before_its_target_is_removed_stays_delivered(
+        box: Outbox) -> None:
+    """Its mark still waits in memory (the file says pending) when the reload that
+    removed the target gives up on the target's rows: it must not go dead too."""
+    now = time.time()
+    done, waiting = box.add([item(0), item(1)])
+    box.mark_delivered([(done, 204)], now)
+    assert box.mark_target_dead("t", now, "target removed") == 1
+    assert box.counts() == real_counts(box) == {"pending": 0, "delivered": 1, "dead": 1}
+    assert box.get(done)["status"] == "delivered" and box.get(waiting)["status"] == "dead"
+
+
+# ------------------------------------------------------------ first pending ids, at random
+
+OPS = st.lists(st.tuples(st.sampled_from(["add", "claim", "deliver", "fail", "dead", "retry",
+                                          "retry_all", "drop", "drop_target", "purge",
+                                          "recount", "flush"]),
+                         st.sampled_from(["a", "b"]), st.integers(0, 40)),
+               max_size=25)
+
+
+@settings(max_examples=400, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=OPS)
+def test_pending_rows_are_never_lost_from_view_whatever_the_operations(
+        tmp_path_factory: pytest.TempPathFactory, ops: list[tuple[str, str, int]]) -> None:
+    """Whatever users and senders do to rows, in any order, every pending row stays
+    where the queries that walk from a target's first pending id find it: a claim far
+    in the future gets exactly the pending rows that are neither delivered nor leased,
+    in order, and the per-target counts match the file."""
+    box = Outbox(tmp_path_factory.mktemp("ops") / "outbox.db")
+    far = time.time() + 10 * 365 * 86400.0
+    try:
+        for op, target, n in ops:
+            now = time.time()
+            with box.tx() as c:
+                ids = [r[0] for r in c.execute("SELECT id FROM deliveries ORDER BY id")]
+            row = ids[n % len(ids)] if ids else 0
+            if op == "add":
+                box.add([item(n, target=target) for _ in range(1 + n % 3)])
+            elif op == "claim":
+                box.claim(target, 1 + n % 4, far)
+            elif op == "deliver":
+                box.mark_delivered([(row, 200)], now)
+            elif op == "fail":
+                box.mark_retry(row, now, now, "timeout", None)
+            elif op == "dead":
+                box.mark_dead(row, now, "HTTP 400", 400)
+            elif op == "retry":
+                box.retry(row, now)
+            elif op == "retry_all":
+                box.retry_all_dead(now)
+            elif op == "drop":
+                box.drop(row)
+            elif op == "drop_target":
+                box.drop_target(target)
+            elif op == "purge":
+                box.purge("delivered" if n % 2 else "dead")
+            elif op == "recount":
+                box.recount()
+            else:
+                box.flush_marks()
+        box.flush_marks()
+        with box.tx() as c:
+            truth = {t: [r[0] for r in c.execute(
+                "SELECT id FROM deliveries WHERE status = 'pending' AND target = ?"
+                " ORDER BY id", (t,))] for t in ("a", "b")}
+        assert box.pending_by_target() == {t: len(v) for t, v in truth.items() if v}
+        assert box.counts() == real_counts(box)
+        for t, pending in truth.items():
+            box.release(pending)  # leases of earlier claims
+            assert [r.id for r in box.claim(t, 1000, far)] == pending
+    finally:
+        box.close()

@@ -414,10 +414,13 @@ class Outbox(RowAdmin):
     def mark_retry(self, id: int, now: float, next_at: float, error: str,
                    status: int | None) -> None:
         """Record a failed attempt and when to try again."""
-        with self.tx() as c:
+        with self._lock:
             self._unlease(id)
-            sql.record_failure(c, id, sql.attempt_json(now, status, error), error, status,
-                               HISTORY_MAX, next_at=next_at)
+            with self.tx() as c:
+                self._write_marks(c)  # (see mark_dead)
+                sql.record_failure(c, id, sql.attempt_json(now, status, error), error,
+                                   status, HISTORY_MAX, next_at=next_at)
+            self._marks_written()
 
     def mark_dead(self, id: int, now: float, error: str, status: int | None, *,
                   attempted: bool = True) -> None:
@@ -429,11 +432,15 @@ class Outbox(RowAdmin):
         with self._lock:
             self._unlease(id)
             with self.tx() as c:
+                # waiting delivered marks first, in the same commit: a row delivered a
+                # moment ago is still pending in the file, and must not go dead too
+                self._write_marks(c)
                 if attempted:
                     n = sql.record_failure(c, id, sql.attempt_json(now, status, error), error,
                                            status, HISTORY_MAX)
                 else:
                     n = sql.give_up(c, error, "id = ?", (id,))
+            self._marks_written()
             self._apply({"pending": -n, "dead": n})
 
     def mark_target_dead(self, target: str, now: float, error: str) -> int:
@@ -443,7 +450,9 @@ class Outbox(RowAdmin):
             if low is None:
                 return 0
             with self.tx() as c:
+                self._write_marks(c)  # (see mark_dead)
                 n = sql.give_up(c, error, "id >= ? AND target = ?", (low, target))
+            self._marks_written()
             self._heads.pop(target, None)
             self._apply({"pending": -n, "dead": n})
         return n
