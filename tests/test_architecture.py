@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).resolve().parent.parent / "daemon" / "edgehook"
-EDGES = {"gpio", "mqtt", "outbox", "outbox_file", "outbox_sql", "outbox_admin", "delivery",
+EDGES = {"gpio", "mqtt", "outbox", "outbox_file", "outbox_sql", "outbox_admin", "outbox_marks",
+         "delivery",
          "transport", "metered", "http_server", "notify"}
 PURE = {"events", "errors", "config", "schema", "yamlload", "rules", "templates", "inputs",
         "signing", "homeassistant", "hooks", "metrics", "explain", "units", "model",
@@ -20,7 +21,8 @@ ROOT = {"app", "cli", "cli_client"}
 # through the HTTP transport; the outbox is split into its file, its SQL and the
 # user's operations on rows)
 LAYERS = {"delivery": {"transport"}, "transport": {"metered"},
-          "outbox": {"outbox_file", "outbox_sql", "outbox_admin"}, "outbox_admin": {"outbox_sql"},
+          "outbox": {"outbox_file", "outbox_sql", "outbox_admin", "outbox_marks"},
+          "outbox_admin": {"outbox_sql"}, "outbox_marks": {"outbox_sql"},
           "outbox_file": {"outbox_sql"}}
 
 

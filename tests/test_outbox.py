@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edgehook import outbox as ob
+from edgehook import outbox_marks
 from edgehook.errors import EdgehookError
 from edgehook.outbox import NewDelivery, Outbox, OutboxFull, OutboxLocked, daemon_holds
 
@@ -418,7 +419,7 @@ def on_disk(path: Path) -> dict[int, str]:
 
 def test_a_delivered_mark_waits_for_a_commit_then_is_written_by_itself(
         box: Outbox, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ob, "MARK_LAG", 0.3)
+    monkeypatch.setattr(outbox_marks, "MARK_LAG", 0.3)
     for round_ in range(2):  # and the second time by the same thread
         (row_id,) = box.add([item(round_)])
         box.mark_delivered([(row_id, 204)], time.time())
@@ -436,7 +437,7 @@ def test_marks_that_cannot_be_written_are_retried_and_said_once(
     """Another process holds the write lock (as a full disk would refuse the write):
     the marks' thread keeps trying, later and later, says so once, and says when the
     marks are on disk again."""
-    monkeypatch.setattr(ob, "MARK_LAG", 0.02)
+    monkeypatch.setattr(outbox_marks, "MARK_LAG", 0.02)
     caplog.set_level(logging.INFO, logger="edgehook.outbox")
     box._db.execute("PRAGMA busy_timeout = 10")
     (row_id,) = box.add([item(0)])
@@ -463,7 +464,7 @@ def test_marks_that_cannot_be_written_are_retried_and_said_once(
 
 def test_a_waiting_mark_shares_the_next_commit(box: Outbox,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ob, "MARK_LAG", 60.0)
+    monkeypatch.setattr(outbox_marks, "MARK_LAG", 60.0)
     (first,) = box.add([item(0)])
     box.mark_delivered([(first, 204)], time.time())
     (second,) = box.add([item(1)])
@@ -472,7 +473,7 @@ def test_a_waiting_mark_shares_the_next_commit(box: Outbox,
 
 def test_marks_of_a_burst_are_written_once_mark_max_wait(
         box: Outbox, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ob, "MARK_LAG", 60.0)
+    monkeypatch.setattr(outbox_marks, "MARK_LAG", 60.0)
     ids = box.add([item(i) for i in range(ob.MARK_MAX)])
     box.mark_delivered([(i, 204) for i in ids[:-1]], time.time())
     assert set(on_disk(box.path).values()) == {"pending"}

@@ -5,14 +5,14 @@ Every access goes through one ``with outbox.tx():`` (a lock, ``BEGIN IMMEDIATE``
 commit, rollback on error); each commit is fsynced (``synchronous=FULL``), and the
 dispatcher stores a batch of events in one of them, so whatever a source was told
 is on disk. This class keeps what lives in memory: the row counters, leases of
-claimed rows, and "delivered" marks that wait up to ``MARK_LAG`` seconds (or until
-``MARK_MAX`` of them wait) to share the next commit (lost in a crash, they only mean
-a redelivery with the same webhook-id).
-It refuses new rows (``OutboxFull``) at ``MAX_ROWS`` undelivered rows or below
-``MIN_FREE_BYTES`` free, before SQLite itself fails on a full disk; any SQLite failure
-is an :class:`OutboxError`. The statements are in outbox_sql.py, opening the file
-(schema, lock, a corrupt file moved aside) in outbox_file.py; what survives what is
-in docs/delivery.md.
+claimed rows, and each target's first pending id (there is no index over pending
+rows: the queries for them walk the rowid from there). It refuses new rows
+(``OutboxFull``) at ``MAX_ROWS`` undelivered rows or below ``MIN_FREE_BYTES`` free,
+before SQLite itself fails on a full disk; any SQLite failure is an
+:class:`OutboxError`. Delivered marks that wait to share a commit are
+outbox_marks.py's, the statements outbox_sql.py's, opening the file (schema, lock,
+a corrupt file moved aside) outbox_file.py's; what survives what is in
+docs/delivery.md.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 from . import outbox_sql as sql
 from .errors import EdgehookError
@@ -42,6 +41,7 @@ from .outbox_file import (  # noqa: F401  (re-exported: the outbox's public name
     open_or_replace,
     take_dir_lock,
 )
+from .outbox_marks import MARK_LAG, MARK_MAX, DeliveredMarks  # noqa: F401  (re-exported)
 from .outbox_sql import HISTORY_MAX, NewDelivery, Row  # noqa: F401  (re-exported)
 
 _LOG = logging.getLogger(__name__)
@@ -53,8 +53,6 @@ LEASE = 300.0                # default claim lease (seconds)
 PRUNE_EVERY = 600.0          # prune at most this often, and only alongside a write
 STATVFS_CACHE = 1.0          # seconds a free-space reading is reused
 WRITE_ERROR_HOLD = 60.0      # a failed write is reported this long once space is back
-MARK_LAG = 2.0               # seconds a delivered mark may wait to share a commit
-MARK_MAX = 64                # marks waiting beyond this are written at once (a burst)
 
 class OutboxError(EdgehookError, sqlite3.Error):
     """SQLite failed (I/O error, disk full, corrupt page, locked): nothing was stored.
@@ -66,7 +64,7 @@ class OutboxFull(OutboxError):
     """A delivery was refused: the row cap is reached or the disk is nearly full."""
 
 
-class Outbox(RowAdmin):
+class Outbox(DeliveredMarks, RowAdmin):
     """The SQLite outbox of one state directory; thread-safe, one connection and a lock."""
 
     def __init__(self, path: str | Path, *, max_rows: int | None = None,
@@ -95,14 +93,7 @@ class Outbox(RowAdmin):
         self._closed = False
         # claimed row id -> (lease end, target): leases live in memory only
         self._leased: dict[int, tuple[float, str]] = {}
-        # delivered, mark not written yet: row id -> (target, the mark's UPDATE arguments)
-        self._settled: dict[int, tuple[str, tuple[Any, ...]]] = {}
-        # the oldest waiting mark's time; a thread of its own writes them MARK_LAG later
-        self._marks_since = 0.0
-        self._mark_wake = threading.Condition(self._lock)
-        self._mark_thread: threading.Thread | None = None
-        self._marks_idle = False  # that thread waits for marks with no timeout
-        self._marks_failing = 0   # writes of marks that failed in a row
+        self._init_marks()
         # target -> an id no pending row of it is below (exact after each claim); a
         # target that is not here has none. There is no index over pending rows (one
         # more page per commit on the SD card): their queries walk the rowid from here.
@@ -320,97 +311,6 @@ class Outbox(RowAdmin):
             self._found_head(target, first)
         return None
 
-    def mark_delivered(self, ids_with_status: Sequence[tuple[int, int]], now: float) -> None:
-        """Mark rows delivered after a 2xx.
-
-        The mark waits in memory (at most ``MARK_LAG`` s) to share the commit of the
-        next new row; the counters, claims and listings see it at once. Lost in a
-        crash, it means one more delivery with the same webhook-id.
-        """
-        if not ids_with_status:
-            return
-        with self._lock:
-            n = 0
-            for row_id, status in ids_with_status:
-                claimed = self._leased.get(row_id, (0.0, None))[1]
-                self._unlease(row_id)
-                if row_id in self._settled:
-                    continue
-                target = claimed or self._target_of(row_id)
-                if target is None:
-                    continue  # not pending any more (dropped, or marked by someone else)
-                self._settled[row_id] = (target, (status, now, row_id))
-                n += 1
-            self._apply({"pending": -n, "delivered": n})
-            if len(self._settled) >= MARK_MAX:
-                self.flush_marks()  # a burst: one commit per MARK_MAX deliveries, and
-                # claims do not wade through a long run of delivered rows
-            elif n and len(self._settled) == n and not self._closed:
-                self._marks_since = time.monotonic()  # the first to wait
-                if self._mark_thread is None:
-                    self._mark_thread = threading.Thread(
-                        target=self._write_marks_later, name="edgehook-marks", daemon=True)
-                    self._mark_thread.start()
-                elif self._marks_idle:  # (else it is on a timeout that will see these:
-                    self._mark_wake.notify()  # no wake-up per delivery)
-
-    def _write_marks_later(self) -> None:
-        """The marks' own thread: writes waiting marks once the oldest is ``MARK_LAG``
-        old, unless a commit took them first. Sleeps without a timeout while none wait
-        (an idle daemon never wakes); a failed write is tried again later and later."""
-        with self._mark_wake:
-            while not self._closed:
-                left = self._marks_since + MARK_LAG - time.monotonic()
-                if not self._settled:
-                    self._marks_idle = True
-                    self._mark_wake.wait()
-                    self._marks_idle = False
-                elif left > 0:
-                    self._mark_wake.wait(left)
-                else:
-                    self.flush_marks()
-                    # after a failure (a full disk): try again later and later, up to a
-                    # minute apart
-                    self._marks_since = time.monotonic() + min(
-                        MARK_LAG * (2 ** min(self._marks_failing, 6) - 1), 60.0)
-
-    def _target_of(self, row_id: int) -> str | None:
-        with self.tx() as c:
-            return sql.pending_target(c, row_id)
-
-    def _write_marks(self, c: sqlite3.Connection) -> None:
-        """Write the delivered marks waiting in memory, inside the caller's transaction."""
-        if not self._settled:
-            return
-        marks = [args for _, args in self._settled.values()]
-        gone = len(marks) - sql.mark_delivered(c, marks)  # dropped meanwhile
-        if gone:
-            self._apply({"delivered": -gone})
-        pruned = self._maybe_prune(c, time.time())
-        self._apply({"delivered": -pruned})
-
-    def _marks_written(self) -> None:
-        """After the commit that held them: the marks are on disk."""
-        self._settled.clear()
-        if self._marks_failing:
-            _LOG.info("outbox: delivered marks written again")
-            self._marks_failing = 0
-
-    def flush_marks(self) -> None:
-        """Write the delivered marks waiting in memory now (their thread, listings, close)."""
-        with self._lock:
-            if not self._settled or self._closed:
-                return
-            try:
-                with self.tx() as c:
-                    self._write_marks(c)
-            except OutboxError as exc:  # kept in memory: the next commit tries again
-                if not self._marks_failing:  # once per outage, not once per try
-                    _LOG.warning("outbox: could not write delivered marks yet: %s", exc)
-                self._marks_failing += 1
-                return
-            self._marks_written()
-
     def mark_retry(self, id: int, now: float, next_at: float, error: str,
                    status: int | None) -> None:
         """Record a failed attempt and when to try again."""
@@ -523,9 +423,7 @@ class Outbox(RowAdmin):
                 return
             self.flush_marks()
             self._closed = True  # from here on tx() raises
-            self._mark_wake.notify_all()
-        if self._mark_thread is not None and self._mark_thread is not threading.current_thread():
-            self._mark_thread.join(5)
+        self._stop_marks()
         try:
             with self._lock:
                 self._db.close()  # the last connection to close checkpoints the rest
