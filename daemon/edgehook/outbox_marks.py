@@ -1,4 +1,4 @@
-"""Delivered marks that wait in memory to share the next commit: the SD card's friend.
+"""Delivered marks that wait in memory to share the next commit, to spare the SD card.
 
 A mixin of :class:`outbox.Outbox`, which holds the connection, the lock, the
 counters and the leases. A 2xx is counted at once; its row's UPDATE waits (at most
@@ -39,6 +39,7 @@ class DeliveredMarks:
         def _maybe_prune(self, c: sqlite3.Connection, now: float) -> int: ...
 
     def _init_marks(self) -> None:
+        """The marks' state; the outbox calls this from its constructor."""
         # delivered, mark not written yet: row id -> (target, the mark's UPDATE arguments)
         self._settled: dict[int, tuple[str, tuple[Any, ...]]] = {}
         # the oldest waiting mark's time; a thread of its own writes them MARK_LAG later
