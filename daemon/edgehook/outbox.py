@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from . import outbox_sql as sql
 from .errors import EdgehookError
@@ -238,10 +239,8 @@ class Outbox(DeliveredMarks, RowAdmin):
             if why is not None:
                 raise OutboxFull(why)
             webhook_ids = ["msg_" + new_id(now) for _ in items]
-            with self.tx() as c:
-                self._write_marks(c)
+            with self._write_tx() as c:
                 first = sql.insert(c, items, webhook_ids, now)
-            self._marks_written()
             self._apply({"pending": len(items)})
             rows = [Row(first + i, webhook_id, d.event_id, d.target, d.url, d.method,
                         dict(d.headers), bytes(d.body), d.content_type, 0, int(d.max_attempts),
@@ -261,23 +260,26 @@ class Outbox(DeliveredMarks, RowAdmin):
         """
         with self.tx() as c:
             rows: list[Row] = []
-            low = self._low(target)
-            if low is None:
-                return rows
-            first = None
-            for r in sql.pending_rows(c, target, low, int(limit) + len(self._settled)):
-                first = r[0] if first is None else first
-                if r[0] in self._settled:
-                    continue  # delivered; its mark is not written yet
+            for r in self._queue_head(c, target, int(limit), sql.ROW_COLUMNS):
                 row = sql.to_row(r)
-                if (row.next_attempt_at > now or self._lease_end(row.id) > now
-                        or len(rows) >= limit):
+                if row.next_attempt_at > now or self._lease_end(row.id) > now:
                     break
                 rows.append(row)
-            self._found_head(target, first)
             for row in rows:
                 self._leased[row.id] = (now + lease, row.target)
         return rows
+
+    def _queue_head(self, c: sqlite3.Connection, target: str, n: int,
+                    columns: str) -> list[tuple[Any, ...]]:
+        """The first `n` pending rows of a target (`columns` of each, ``id`` first),
+        passing over delivered ones whose marks wait; learns the target's first
+        pending id on the way. Caller holds the lock."""
+        low = self._low(target)
+        if low is None:
+            return []
+        found = sql.pending_rows(c, target, low, n + len(self._settled), columns).fetchall()
+        self._found_head(target, found[0][0] if found else None)
+        return [r for r in found if r[0] not in self._settled][:n]
 
     def _unlease(self, row_id: int) -> None:
         self._leased.pop(row_id, None)
@@ -298,29 +300,17 @@ class Outbox(DeliveredMarks, RowAdmin):
         order, so a later row that is due cannot go before a head that is backing off.
         """
         with self.tx() as c:
-            low = self._low(target)
-            if low is None:
-                return None
-            first = None
-            for row_id, due in sql.pending_rows(c, target, low, 1 + len(self._settled),
-                                                "id, next_attempt_at"):
-                first = row_id if first is None else first
-                if row_id not in self._settled:
-                    self._found_head(target, first)
-                    return max(due, self._lease_end(row_id))
-            self._found_head(target, first)
-        return None
+            head = self._queue_head(c, target, 1, "id, next_attempt_at")
+        return max(head[0][1], self._lease_end(head[0][0])) if head else None
 
     def mark_retry(self, id: int, now: float, next_at: float, error: str,
                    status: int | None) -> None:
         """Record a failed attempt and when to try again."""
         with self._lock:
             self._unlease(id)
-            with self.tx() as c:
-                self._write_marks(c)  # (see mark_dead)
+            with self._write_tx() as c:
                 sql.record_failure(c, id, sql.attempt_json(now, status, error), error,
                                    status, HISTORY_MAX, next_at=next_at)
-            self._marks_written()
 
     def mark_dead(self, id: int, now: float, error: str, status: int | None, *,
                   attempted: bool = True) -> None:
@@ -331,16 +321,12 @@ class Outbox(DeliveredMarks, RowAdmin):
         """
         with self._lock:
             self._unlease(id)
-            with self.tx() as c:
-                # waiting delivered marks first, in the same commit: a row delivered a
-                # moment ago is still pending in the file, and must not go dead too
-                self._write_marks(c)
+            with self._write_tx() as c:
                 if attempted:
                     n = sql.record_failure(c, id, sql.attempt_json(now, status, error), error,
                                            status, HISTORY_MAX)
                 else:
                     n = sql.give_up(c, error, "id = ?", (id,))
-            self._marks_written()
             self._apply({"pending": -n, "dead": n})
 
     def mark_target_dead(self, target: str, now: float, error: str) -> int:
@@ -349,10 +335,8 @@ class Outbox(DeliveredMarks, RowAdmin):
             low = self._low(target)
             if low is None:
                 return 0
-            with self.tx() as c:
-                self._write_marks(c)  # (see mark_dead)
+            with self._write_tx() as c:
                 n = sql.give_up(c, error, "id >= ? AND target = ?", (low, target))
-            self._marks_written()
             self._heads.pop(target, None)
             self._apply({"pending": -n, "dead": n})
         return n
@@ -361,8 +345,7 @@ class Outbox(DeliveredMarks, RowAdmin):
         """Delete delivered rows older than the retention period; returns how many."""
         keep = RETENTION if keep_delivered is None else keep_delivered
         with self._lock:
-            self.flush_marks()
-            with self.tx() as c:
+            with self._write_tx() as c:
                 n = sql.delete_delivered_before(c, now - keep)
             self._last_prune = time.monotonic()
             self._apply({"delivered": -n})
@@ -384,8 +367,7 @@ class Outbox(DeliveredMarks, RowAdmin):
 
     def recount(self) -> dict[str, int]:
         """Re-read the counters from the table (after another process wrote to it)."""
-        self.flush_marks()
-        with self.tx() as c:
+        with self._write_tx() as c:  # (the waiting marks too: the census counts them)
             counts, self._heads = sql.census(c)
             self._counts = counts
         return dict(counts)

@@ -2,7 +2,7 @@
 
 A mixin of :class:`outbox.Outbox`, which holds the connection, the lock and the
 counters; these are the operations the CLI and the API call, off the event path.
-Each writes what is on disk, so waiting delivered marks are written first.
+Each writes in a transaction that carries the waiting delivered marks, written first.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ class RowAdmin:
 
         def tx(self) -> contextlib.AbstractContextManager[sqlite3.Connection]: ...
         def flush_marks(self) -> None: ...
+        def _write_tx(self) -> contextlib.AbstractContextManager[sqlite3.Connection]: ...
         def _apply(self, delta: dict[str, int]) -> None: ...
         def _unlease(self, row_id: int) -> None: ...
         def _low(self, target: str | None = None) -> int | None: ...
@@ -41,8 +42,7 @@ class RowAdmin:
         a new try (its history keeps every attempt).
         """
         with self._lock:
-            self.flush_marks()
-            with self.tx() as c:
+            with self._write_tx() as c:
                 r = c.execute("SELECT status, target FROM deliveries WHERE id = ?",
                               (id,)).fetchone()
                 if r is None or r[0] == "delivered":
@@ -65,7 +65,7 @@ class RowAdmin:
     def retry_all_dead(self, now: float) -> int:
         """Make every dead row pending again (see :meth:`retry`); returns how many."""
         with self._lock:
-            with self.tx() as c:
+            with self._write_tx() as c:
                 firsts = c.execute(f"SELECT target, MIN(id) FROM deliveries INDEXED BY"
                                    f" {outbox_sql.DEAD_INDEX} WHERE status = 'dead'"
                                    " GROUP BY target").fetchall()
@@ -80,8 +80,7 @@ class RowAdmin:
         if status not in ("dead", "delivered"):
             raise ValueError("only dead or delivered rows can be purged")
         with self._lock:
-            self.flush_marks()
-            with self.tx() as c:
+            with self._write_tx() as c:
                 n = c.execute(f"DELETE FROM deliveries WHERE status = '{status}'").rowcount
             self._apply({status: -n})
         return n
@@ -89,8 +88,7 @@ class RowAdmin:
     def drop(self, id: int) -> bool:
         """Delete one pending or dead row (the user gave up on it); False if none."""
         with self._lock:
-            self.flush_marks()
-            with self.tx() as c:
+            with self._write_tx() as c:
                 r = c.execute("SELECT status FROM deliveries WHERE id = ? AND status != "
                               "'delivered'", (id,)).fetchone()
                 if r is None:
@@ -104,9 +102,8 @@ class RowAdmin:
     def drop_target(self, target: str) -> int:
         """Delete every pending and dead row of a target; returns how many."""
         with self._lock:
-            self.flush_marks()
             low = self._low(target)
-            with self.tx() as c:
+            with self._write_tx() as c:
                 n = {"pending": 0 if low is None else c.execute(
                     "DELETE FROM deliveries WHERE id >= ? AND status = 'pending' AND target = ?",
                     (low, target)).rowcount,

@@ -14,7 +14,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import outbox_sql as sql
@@ -125,20 +125,29 @@ class DeliveredMarks:
             _LOG.info("outbox: delivered marks written again")
             self._marks_failing = 0
 
+    @contextlib.contextmanager
+    def _write_tx(self) -> Iterator[sqlite3.Connection]:
+        """A transaction that changes rows, carrying the waiting delivered marks, written
+        first: a row delivered a moment ago is still pending in the file, and whatever
+        changes rows must find it delivered (not give up on it, not count it twice)."""
+        with self._lock:
+            with self.tx() as c:
+                self._write_marks(c)
+                yield c
+            self._marks_written()
+
     def flush_marks(self) -> None:
         """Write the delivered marks waiting in memory now (their thread, listings, close)."""
         with self._lock:
             if not self._settled or self._closed:
                 return
             try:
-                with self.tx() as c:
-                    self._write_marks(c)
+                with self._write_tx():
+                    pass
             except sqlite3.Error as exc:  # (an OutboxError) kept: the next commit tries again
                 if not self._marks_failing:  # once per outage, not once per try
                     _LOG.warning("outbox: could not write delivered marks yet: %s", exc)
                 self._marks_failing += 1
-                return
-            self._marks_written()
 
     def _stop_marks(self) -> None:
         """After the outbox closed: let the marks' thread end."""

@@ -89,9 +89,9 @@ def insert(c: sqlite3.Connection, items: Sequence[NewDelivery], webhook_ids: Seq
 
 
 def pending_rows(c: sqlite3.Connection, target: str, low: int, n: int,
-                 columns: str = ROW_COLUMNS) -> sqlite3.Cursor:
+                 columns: str) -> sqlite3.Cursor:
     """The first `n` pending rows of a target from id `low` on, oldest first (`columns`
-    of each; ``id`` first). Lazy: a claim that stops early reads nothing behind."""
+    of each; ``id`` first)."""
     return c.execute(f"SELECT {columns} FROM deliveries WHERE id >= ? AND target = ?"
                      " AND status = 'pending' ORDER BY id LIMIT ?", (low, target, n))
 
