@@ -54,38 +54,39 @@ class _Metered:
     """Socket methods that hold every read and write to the attempt's deadline and
     count the bytes read (mixed into the plain and the TLS socket classes)."""
 
-    def recv_into(self, *args: Any, **kwargs: Any) -> int:
+    def _arm(self) -> Budget | None:
+        """Hold the next socket call to what is left of the attempt's deadline."""
         budget, left = _remaining()
         if budget is not None:
             self.settimeout(left)  # type: ignore[attr-defined]
-        n: int = super().recv_into(*args, **kwargs)  # type: ignore[misc]
+        return budget
+
+    @staticmethod
+    def _count(budget: Budget | None, n: int) -> None:
+        """Charge `n` bytes read to the attempt's budget."""
         if budget is not None:
             budget.left -= n
             if budget.left < 0:
                 raise ResponseTooLarge("response too large")
+
+    def recv_into(self, *args: Any, **kwargs: Any) -> int:
+        budget = self._arm()
+        n: int = super().recv_into(*args, **kwargs)  # type: ignore[misc]
+        self._count(budget, n)
         return n
 
     def recv(self, *args: Any, **kwargs: Any) -> bytes:
-        budget, left = _remaining()
-        if budget is not None:
-            self.settimeout(left)  # type: ignore[attr-defined]
+        budget = self._arm()
         data: bytes = super().recv(*args, **kwargs)  # type: ignore[misc]
-        if budget is not None:
-            budget.left -= len(data)
-            if budget.left < 0:
-                raise ResponseTooLarge("response too large")
+        self._count(budget, len(data))
         return data
 
     def send(self, *args: Any, **kwargs: Any) -> int:
-        budget, left = _remaining()
-        if budget is not None:
-            self.settimeout(left)  # type: ignore[attr-defined]
+        self._arm()
         return super().send(*args, **kwargs)  # type: ignore[misc,no-any-return]
 
     def sendall(self, *args: Any, **kwargs: Any) -> None:
-        budget, left = _remaining()
-        if budget is not None:
-            self.settimeout(left)  # type: ignore[attr-defined]
+        self._arm()
         super().sendall(*args, **kwargs)  # type: ignore[misc]
 
 
