@@ -143,8 +143,8 @@ class Target:
     host: str
     port: int
     authorization: str | None
-    pool_host: str = ""    # the host and request line as urllib3 makes them from `url`,
-    request_uri: str = ""  # so a direct request skips its per-request URL parsing
+    pool_host: str    # the host and request line as urllib3 makes them from `url`,
+    request_uri: str  # so a direct request skips its per-request URL parsing
 
 
 @functools.lru_cache(maxsize=64)  # a target sends to one URL, or a few (templates)
@@ -177,47 +177,37 @@ def parse_target(url: str) -> Target:
                   auth, u.host or parts.hostname, u.request_uri)
 
 
+@functools.lru_cache(maxsize=256)  # the same few names on every request (the config's)
+def _is_token(name: str) -> bool:
+    return _TOKEN.fullmatch(name) is not None
+
+
 def _check_request(method: str, headers: Mapping[str, str]) -> str | None:
     """Why the method or a header cannot go on the wire (quoting no value), or None.
 
-    A request carries the same few header names every time (the config's and the
-    sender's own), so a name once found to be a token is remembered, and the values
-    are checked at once, joined by a tab (which a value may hold). Only when that
-    finds something does :func:`_first_bad` go header by header for the reason.
+    The values are checked at once, joined by a tab (which a value may hold); only
+    when that finds something does :func:`_first_bad` go header by header for the
+    reason (or find a Latin-1 value that is fine after all).
     """
-    if method not in _GOOD_NAMES:
-        if not _TOKEN.fullmatch(method):
-            return "invalid request: the method is not an HTTP token"
-        _remember(method)
-    for name in headers:
-        if name not in _GOOD_NAMES:
-            if not _TOKEN.fullmatch(name):
-                return _first_bad(headers)
-            _remember(name)
+    if not _is_token(method):
+        return "invalid request: the method is not an HTTP token"
     values = "\t".join(headers.values())
-    if _BAD_VALUE_CHARS.search(values) or not values.isascii():
-        return _first_bad(headers)  # (or a Latin-1 value that is fine: then None)
+    if (not all(_is_token(name) for name in headers) or _BAD_VALUE_CHARS.search(values)
+            or not values.isascii()):
+        return _first_bad(headers)
     return None
 
 
 def _first_bad(headers: Mapping[str, str]) -> str | None:
     """The reason the first unusable header cannot go on the wire, or None."""
     for name, value in headers.items():
-        if not _TOKEN.fullmatch(name) or _BAD_VALUE_CHARS.search(value):
+        if not _is_token(name) or _BAD_VALUE_CHARS.search(value):
             return "invalid request: a header name or value HTTP cannot carry"
         try:
             value.encode("latin-1")
         except UnicodeEncodeError:
             return "invalid request: a header value is not Latin-1"
     return None
-
-
-def _remember(name: str) -> None:
-    if len(_GOOD_NAMES) < 1024:  # names come from the config: a few dozen at most
-        _GOOD_NAMES.add(name)
-
-
-_GOOD_NAMES: set[str] = set()  # method and header names found to be HTTP tokens
 
 
 # --------------------------------------------------------------------------- errors
