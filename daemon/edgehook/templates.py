@@ -31,7 +31,23 @@ class Template(Protocol):
     def render(self, ctx: dict[str, Any]) -> str: ...
 
 
-class Static:
+class _BySource:
+    """Equal when the kind and the source are: a reload can tell what really changed."""
+
+    __slots__ = ()
+    source: str
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.source!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other.source == self.source  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, self.source))
+
+
+class Static(_BySource):
     """A string with no template syntax: rendering returns it unchanged."""
 
     __slots__ = ("source",)
@@ -43,18 +59,8 @@ class Static:
     def render(self, ctx: dict[str, Any]) -> str:
         return self.source
 
-    def __repr__(self) -> str:
-        return f"Static({self.source!r})"
 
-    def __eq__(self, other: object) -> bool:
-        """Equal when the source is: a reload can tell what really changed."""
-        return isinstance(other, Static) and other.source == self.source
-
-    def __hash__(self) -> int:
-        return hash(('Static', self.source))
-
-
-class Jinja:
+class Jinja(_BySource):
     """A compiled sandboxed Jinja2 template with StrictUndefined."""
 
     __slots__ = ("source", "_tpl")
@@ -73,16 +79,6 @@ class Jinja:
             return self._tpl.render(ctx)
         except Exception as exc:  # UndefinedError, SecurityError, TypeError from user code
             raise TemplateError(f"{type(exc).__name__}: {exc}") from None
-
-    def __repr__(self) -> str:
-        return f"Jinja({self.source!r})"
-
-    def __eq__(self, other: object) -> bool:
-        """Equal when the source is: a reload can tell what really changed."""
-        return isinstance(other, Jinja) and other.source == self.source
-
-    def __hash__(self) -> int:
-        return hash(('Jinja', self.source))
 
 
 def _environment() -> Any:
