@@ -166,6 +166,7 @@ def corrupt_files(path: Path) -> list[Path]:
     return sorted(p for p in path.parent.glob(path.name + ".corrupt-*")
                   if not p.name.endswith(("-wal", "-shm")))
 
+
 def open_or_replace(path: Path, exclusive: bool) -> sqlite3.Connection:
     """:func:`open_db`; for the daemon (`exclusive`), a file that is not a sound database
     is moved aside (:func:`move_aside`) and a fresh one opened. An I/O error

@@ -107,34 +107,24 @@ class DeliveredMarks:
         with self.tx() as c:
             return sql.pending_target(c, row_id)
 
-    def _write_marks(self, c: sqlite3.Connection) -> None:
-        """Write the delivered marks waiting in memory, inside the caller's transaction."""
-        if not self._settled:
-            return
-        marks = [args for _, args in self._settled.values()]
-        gone = len(marks) - sql.mark_delivered(c, marks)  # dropped meanwhile
-        if gone:
-            self._apply({"delivered": -gone})
-        pruned = self._maybe_prune(c, time.time())
-        self._apply({"delivered": -pruned})
-
-    def _marks_written(self) -> None:
-        """After the commit that held them: the marks are on disk."""
-        self._settled.clear()
-        if self._marks_failing:
-            _LOG.info("outbox: delivered marks written again")
-            self._marks_failing = 0
-
     @contextlib.contextmanager
     def _write_tx(self) -> Iterator[sqlite3.Connection]:
         """A transaction that changes rows, carrying the waiting delivered marks, written
         first: a row delivered a moment ago is still pending in the file, and whatever
-        changes rows must find it delivered (not give up on it, not count it twice)."""
+        changes rows must find it delivered (not give up on it, not count it twice).
+        Pruning rides along too, so an idle daemon never writes."""
         with self._lock:
             with self.tx() as c:
-                self._write_marks(c)
+                if self._settled:
+                    marks = [args for _, args in self._settled.values()]
+                    gone = len(marks) - sql.mark_delivered(c, marks)  # dropped meanwhile
+                    pruned = self._maybe_prune(c, time.time())
+                    self._apply({"delivered": -gone - pruned})
                 yield c
-            self._marks_written()
+            self._settled.clear()  # on disk now
+            if self._marks_failing:
+                _LOG.info("outbox: delivered marks written again")
+                self._marks_failing = 0
 
     def flush_marks(self) -> None:
         """Write the delivered marks waiting in memory now (their thread, listings, close)."""
