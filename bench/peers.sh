@@ -23,7 +23,13 @@ mkdir -p "$STATE_ROOT"
 trap 'rm -rf "$STATE_ROOT"' EXIT
 
 SUT="edgehook|bench/edgehook|env BENCH_STATE=$STATE_ROOT/out-\$\$ $EDGEHOOK run -c $REPO/bench/edgehook-peer.yaml"
-ARGS=(--sut "$SUT")
+# The durable floor: the bare loop that first fsyncs each message (bench/baseline_durable.py),
+# once with an fdatasync'd append and once with a plain SQLite synchronous=FULL insert.
+# What durability itself costs on this disk; edgehook's latency is read beside it.
+FLOOR="$REPO/.venv/bin/python $REPO/bench/baseline_durable.py"
+ARGS=(--sut "$SUT"
+      --sut "durable-file|bench/durable-file|env BENCH_DURABLE=file BENCH_STATE=$STATE_ROOT/df-\$\$ $FLOOR"
+      --sut "durable-sqlite|bench/durable-sqlite|env BENCH_DURABLE=sqlite BENCH_STATE=$STATE_ROOT/ds-\$\$ $FLOOR")
 if grep -q '"/hooks/' "$REPO/daemon/edgehook/api.py"; then
   # the harness gives an inbound system BENCH_HTTP_PORT; our config reads BENCH_EDGEHOOK_HTTP
   INB="edgehook-sync|/hooks/relay|env BENCH_STATE=$STATE_ROOT/in-\$\$ BENCH_EDGEHOOK_HTTP=127.0.0.1:\$BENCH_HTTP_PORT $EDGEHOOK run -c $REPO/bench/edgehook-peer-hook.yaml"
