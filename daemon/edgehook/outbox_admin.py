@@ -81,7 +81,7 @@ class RowAdmin:
             raise ValueError("only dead or delivered rows can be purged")
         with self._lock:
             with self._write_tx() as c:
-                n = c.execute(f"DELETE FROM deliveries WHERE status = '{status}'").rowcount
+                n = outbox_sql.delete(c, f"WHERE status = '{status}'")
             self._apply({status: -n})
         return n
 
@@ -93,7 +93,7 @@ class RowAdmin:
                               "'delivered'", (id,)).fetchone()
                 if r is None:
                     return False
-                c.execute("DELETE FROM deliveries WHERE id = ?", (id,))
+                outbox_sql.delete(c, "WHERE id = ?", (id,))
             self._unlease(id)
             self._apply({r[0]: -1})
         _LOG.warning("outbox: row %d (%s) dropped by the user", id, r[0])
@@ -104,12 +104,11 @@ class RowAdmin:
         with self._lock:
             low = self._low(target)
             with self._write_tx() as c:
-                n = {"pending": 0 if low is None else c.execute(
-                    "DELETE FROM deliveries WHERE id >= ? AND status = 'pending' AND target = ?",
-                    (low, target)).rowcount,
-                     "dead": c.execute(
-                    f"DELETE FROM deliveries INDEXED BY {outbox_sql.DEAD_INDEX}"
-                    " WHERE status = 'dead' AND target = ?", (target,)).rowcount}
+                n = {"pending": 0 if low is None else outbox_sql.delete(
+                    c, "WHERE id >= ? AND status = 'pending' AND target = ?", (low, target)),
+                     "dead": outbox_sql.delete(
+                    c, f"INDEXED BY {outbox_sql.DEAD_INDEX} WHERE status = 'dead'"
+                    " AND target = ?", (target,))}
             self._heads.pop(target, None)
             self._leased.clear()  # the target's worker claims afresh
             self._apply({s: -k for s, k in n.items()})

@@ -60,14 +60,18 @@ CREATE TABLE IF NOT EXISTS {name} (
 # rare and kept until a user acts, have a partial index.
 _SCHEMA = _TABLE.format(name="deliveries") + """
 CREATE INDEX IF NOT EXISTS deliveries_dead ON deliveries(id) WHERE status = 'dead';
+CREATE TABLE IF NOT EXISTS outbox_meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)
+    WITHOUT ROWID;
 """
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 # 1 -> 2 dropped an index over every row's status. 2 -> 3 rebuilds the table without
 # AUTOINCREMENT (a sqlite_sequence page per insert) and the webhook_id UNIQUE index,
 # and drops deliveries_delivered: two to three pages fewer per event. 3 -> 4 drops
 # deliveries_pending (a page per commit), and delivered rows no longer keep their
 # payload nor store their delivering attempt in the history (outbox_sql.mark_delivered),
-# so five of them share a page instead of two.
+# so five of them share a page instead of two. 4 -> 5 adds outbox_meta, where a delete
+# that removes the newest row leaves the highest id given (``id_floor``): ids are never
+# given twice, so an ID a user noted still names the same delivery or none.
 _REBUILD = (_TABLE.format(name="deliveries_v3") +
             " INSERT INTO deliveries_v3 SELECT * FROM deliveries;"
             " DROP TABLE deliveries; ALTER TABLE deliveries_v3 RENAME TO deliveries;")

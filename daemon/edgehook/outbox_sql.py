@@ -76,16 +76,36 @@ def attempt_json(now: float, status: int | None, error: str | None) -> str:
 
 def insert(c: sqlite3.Connection, items: Sequence[NewDelivery], webhook_ids: Sequence[str],
            now: float) -> int:
-    """INSERT new rows, created and due at `now`; returns the first id (a batch's ids
-    are consecutive: new rowids are max + 1, taken under the write lock)."""
+    """INSERT new rows, created and due at `now`; returns the first id. A batch's ids
+    are consecutive and above every id given before, deleted rows' included
+    (:func:`delete`), so an id names one delivery for the file's life."""
+    first = int(c.execute(f"SELECT max(coalesce((SELECT max(id) FROM deliveries), 0),"
+                          f" coalesce(({_ID_FLOOR}), 0)) + 1").fetchone()[0])
     c.executemany(
-        "INSERT INTO deliveries (webhook_id, event_id, target, url, method, headers, body,"
-        " content_type, max_attempts, max_age, created_at, next_attempt_at, deadline)"
-        " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-        [(w, d.event_id, d.target, d.url, d.method, compact_json(d.headers), bytes(d.body),
-          d.content_type, int(d.max_attempts), float(d.max_age), now, now,
-          now + float(d.max_age)) for w, d in zip(webhook_ids, items, strict=True)])
-    return int(c.execute("SELECT last_insert_rowid()").fetchone()[0]) - len(items) + 1
+        "INSERT INTO deliveries (id, webhook_id, event_id, target, url, method, headers,"
+        " body, content_type, max_attempts, max_age, created_at, next_attempt_at, deadline)"
+        " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        [(first + i, w, d.event_id, d.target, d.url, d.method, compact_json(d.headers),
+          bytes(d.body), d.content_type, int(d.max_attempts), float(d.max_age), now, now,
+          now + float(d.max_age))
+         for i, (w, d) in enumerate(zip(webhook_ids, items, strict=True))])
+    return first
+
+
+_ID_FLOOR = "SELECT value FROM outbox_meta WHERE key = 'id_floor'"
+
+
+def delete(c: sqlite3.Connection, where: str, args: tuple[Any, ...] = ()) -> int:
+    """DELETE rows; returns how many. When the newest row goes, its id is kept as the
+    floor of new ids: a user's ``outbox retry 12`` never reaches a later delivery that
+    took the id of a purged one. (Only then: the meta page is not in every commit.)"""
+    newest = "SELECT max(id) FROM deliveries"
+    top = c.execute(newest).fetchone()[0]
+    n = c.execute(f"DELETE FROM deliveries {where}", args).rowcount
+    if n and top is not None and (c.execute(newest).fetchone()[0] or 0) < top:
+        c.execute("INSERT INTO outbox_meta (key, value) VALUES ('id_floor', ?) ON CONFLICT"
+                  " (key) DO UPDATE SET value = max(value, excluded.value)", (top,))
+    return n
 
 
 def pending_rows(c: sqlite3.Connection, target: str, low: int, n: int,
@@ -217,5 +237,5 @@ def delete_delivered_before(c: sqlite3.Connection, cutoff: float) -> int:
     first_new = c.execute("SELECT id FROM deliveries WHERE created_at >= ? ORDER BY id"
                           " LIMIT 1", (cutoff,)).fetchone()
     bound = first_new[0] if first_new else (1 << 62)
-    return c.execute("DELETE FROM deliveries WHERE id < ? AND status = 'delivered'"
-                     " AND delivered_at < ?", (bound, cutoff)).rowcount
+    return delete(c, "WHERE id < ? AND status = 'delivered' AND delivered_at < ?",
+                  (bound, cutoff))
