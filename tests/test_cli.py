@@ -526,3 +526,39 @@ def test_a_user_who_cannot_read_the_state_lists_through_the_api(daemon) -> None:
         assert edgehook("outbox", "list", "-c", str(cfg)).returncode == 0, "root reads the file"
     finally:
         shutil.rmtree(home)
+
+
+@pytest.mark.slow
+def test_start_errors_name_the_setting(tmp_path: Path) -> None:
+    import socket
+
+    def run(listen: str, state_dir: str | Path) -> subprocess.CompletedProcess[str]:
+        cfg = write(tmp_path / "c.yaml", f"""\
+            state_dir: {state_dir}
+            gpio: {{backend: mock}}
+            http: {{listen: "{listen}", api_token: a-real-token-for-this-test-0123}}
+            """)
+        out = edgehook("run", "-c", str(cfg))
+        assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+        assert len(out.stderr.splitlines()) == 1, out.stderr
+        return out
+
+    cfg = tmp_path / "c.yaml"
+    port = free_port()
+    out = run(f"192.0.2.1:{port}", tmp_path / "s1")  # TEST-NET: on no interface here
+    assert out.stderr == (f"edgehook: cannot start: http.listen 192.0.2.1:{port} ({cfg}:3:16): "
+                          "no interface of this machine has that address\n")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        out = run(f"127.0.0.1:{port}", tmp_path / "s2")
+    assert out.stderr == (f"edgehook: cannot start: http.listen 127.0.0.1:{port} ({cfg}:3:16): "
+                          "the address is already in use (another program, or another "
+                          "edgehook, listens there)\n")
+    out = run(f"127.0.0.1:{port}", "/proc/nope")
+    assert out.stderr == (f"edgehook: cannot start: state_dir /proc/nope ({cfg}:1:12): "
+                          "cannot create it: No such file or directory\n")
+    (tmp_path / "a-file").write_text("")
+    out = run(f"127.0.0.1:{port}", tmp_path / "a-file")
+    assert out.stderr == (f"edgehook: cannot start: state_dir {tmp_path / 'a-file'} "
+                          f"({cfg}:1:12): it is not a directory\n")

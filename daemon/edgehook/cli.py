@@ -193,7 +193,7 @@ def _run(cfg: Config, simulate: bool, pin_factory: Any = None) -> int:
     except NoGpioError as exc:
         print(f"{cfg.where('gpio', 'backend')}: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    except OSError as exc:
+    except (EdgehookError, OSError) as exc:  # the message names the setting (http.listen...)
         print(f"edgehook: cannot start: {exc}", file=sys.stderr)
         return EXIT_FAIL
     try:
