@@ -106,3 +106,46 @@ def test_receive_command(tmp_path: Path) -> None:
         finally:
             if proc.poll() is None:
                 proc.kill()
+
+
+def _receive(*args: str) -> subprocess.Popen[str]:
+    exe = Path(sys.executable).parent / "edgehook"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "edgehook"]
+    return subprocess.Popen([*cmd, "receive", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+@pytest.mark.parametrize("port", ["99999", "65536", "-1", "http"])
+def test_a_port_out_of_range_is_a_usage_error(port: str) -> None:
+    proc = _receive("--port", port)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 2, err
+    assert "Traceback" not in err and out == ""
+    assert err.splitlines()[-1] == (f"edgehook receive: error: argument --port: {port!r} is "
+                                    "not a port (1-65535, or 0 for any free one)")
+
+
+def test_a_client_that_goes_away_mid_body_is_one_line_not_a_traceback() -> None:
+    import socket
+
+    proc = _receive("--port", "0")
+    try:
+        first = proc.stdout.readline()
+        port = int(first.split("http://127.0.0.1:")[1].split("/")[0])
+        for _ in range(3):  # the answer to a gone client fails at once or at its 2nd write
+            with socket.create_connection(("127.0.0.1", port)) as s:
+                s.sendall(b"POST /big HTTP/1.1\r\nHost: x\r\n"
+                          b"Content-Length: 99999999999\r\n\r\n{\"partial\":")
+        r = requests.post(f"http://127.0.0.1:{port}/after", data=b"{}", timeout=5)
+        assert r.status_code == 200, "the receiver still answers"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0
+    assert "Traceback" not in err and "Exception" not in err, err
+    assert err == ""
+    notes = [ln for ln in out.splitlines() if "went away" in ln]
+    assert notes == ["  (the client went away after 11 of 99999999999 body bytes; "
+                     "no answer sent)"] * 3, out
+    assert "POST /after" in out

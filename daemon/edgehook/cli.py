@@ -46,6 +46,18 @@ CONFIG_HINT = "give one with -c FILE or set EDGEHOOK_CONFIG"
 _LENIENT = ("sim", "outbox", "hook")
 
 
+def _port(text: str) -> int:
+    """A TCP port for argparse: 1-65535, or 0 for any free one."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port (1-65535, or 0 for any "
+                                         "free one)")
+    return port
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgehook", description="GPIO and MQTT events to "
                                 "webhooks that are never lost, and webhooks to GPIO.")
@@ -100,7 +112,8 @@ def _parser() -> argparse.ArgumentParser:
     hk.add_argument("--data", default="{}", metavar="JSON",
                     help="the JSON body to send (default {})")
     rc = cmd("receive", "debug receiver: print webhooks and check their signatures")
-    rc.add_argument("--port", type=int, required=True)
+    rc.add_argument("--port", type=_port, required=True,
+                    help="the port to listen on (0: any free one)")
     rc.add_argument("--host", default="127.0.0.1")
     rc.add_argument("--secret", action="append", default=[],
                     help="signing secret to verify with (repeat for several)")

@@ -10,7 +10,8 @@ method, path, the headers that matter, the body as pretty JSON (or text), and on
     signature: not checked (...)         signed, but no --secret to check it with
 
 It answers every request 200 `{"ok": true}`. It never prints the secret or the MAC
-it expected.
+it expected. A client that goes away (mid-body, or before the answer) is one line in
+the block, never a traceback.
 """
 
 from __future__ import annotations
@@ -112,28 +113,55 @@ def make_server(host: str, port: int, secrets: list[str], out: TextIO = sys.stdo
                 length = int(self.headers.get("Content-Length") or 0)
             except ValueError:
                 length = 0
-            body = self.rfile.read(min(max(length, 0), MAX_BODY)) if length else b""
+            wanted = min(max(length, 0), MAX_BODY)
+            try:
+                body = self.rfile.read(wanted) if wanted else b""
+            except OSError:  # reset or timed out mid-body: show what there is
+                body = b""
             if length > MAX_BODY:
                 self.close_connection = True
             text = format_request(self.command, self.path, self.headers, body,
                                   self.client_address[0], secrets)
+            if len(body) < wanted:
+                self.close_connection = True
+                with lock:
+                    print(f"{text}\n  (the client went away after {len(body)} of {length} "
+                          "body bytes; no answer sent)", file=out, flush=True)
+                return
             with lock:
                 print(text, file=out, flush=True)
             data = b'{"ok":true}\n'
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(data)
+            try:
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+            except OSError:
+                self.close_connection = True
+                with lock:
+                    print("  (the client went away before the answer)", file=out,
+                          flush=True)
 
         do_POST = do_PUT = do_PATCH = do_GET = do_DELETE = do_HEAD = _any  # noqa: N815
 
-    cls = ThreadingHTTPServer
+    class Server(ThreadingHTTPServer):
+        def handle_error(self, request: Any, client_address: Any) -> None:
+            """A connection that failed outside a request (reset, timeout): one line."""
+            exc = sys.exc_info()[1]
+            if not isinstance(exc, OSError):
+                super().handle_error(request, client_address)
+                return
+            with lock:
+                print(f"  (connection from {client_address[0]} ended: {exc})", file=out,
+                      flush=True)
+
+    cls: type[ThreadingHTTPServer] = Server
     if ":" in host:
         import socket
 
-        cls = type("V6", (ThreadingHTTPServer,), {"address_family": socket.AF_INET6})
+        cls = type("V6", (Server,), {"address_family": socket.AF_INET6})
     server = cls((host, port), Handler)
     server.daemon_threads = True
     return server
@@ -148,7 +176,8 @@ def serve(host: str, port: int, secrets: list[str]) -> int:
         return 1
     h, p = server.server_address[:2]
     shown = f"[{h}]" if ":" in str(h) else h
-    checking = f"checking signatures with {len(secrets)} secret(s)" if secrets else \
+    n = len(secrets)
+    checking = f"checking signatures with {n} secret{'' if n == 1 else 's'}" if n else \
         "no --secret: signatures are shown, not checked"
     print(f"edgehook receive: listening on http://{shown}:{p}/ ({checking}); Ctrl-C stops",
           flush=True)
