@@ -403,8 +403,11 @@ def test_outbox_through_a_running_daemon(service) -> None:  # type: ignore[no-un
     assert (out.returncode, out.stdout) == (0, "2 deliveries to sink dropped\n"), out.stderr
     assert _pending(d) == []
     out = edgehook("outbox", "drop", "--target", "snik", "-c", cfg, env=token)
-    assert out.stdout == "0 deliveries to snik dropped\n"
-    assert "no webhook named 'snik'" in out.stderr and "(did you mean 'sink'?)" in out.stderr
+    assert (out.returncode, out.stdout) == (1, "")
+    assert out.stderr == (f"edgehook: no deliveries to 'snik', and no webhook named 'snik' "
+                          f"in {cfg} (did you mean 'sink'?)\n")
+    out = edgehook("outbox", "purge", "-c", cfg, env=token)
+    assert (out.returncode, out.stdout) == (0, "1 dead delivery purged\n"), out.stderr
 
 
 @pytest.mark.slow
@@ -466,8 +469,16 @@ def test_outbox_without_a_daemon_changes_the_file(tmp_path: Path) -> None:
     assert "did not answer" not in out.stderr, "no daemon holds the state directory"
     out = edgehook("outbox", "drop", "--target", "sink", "-c", str(cfg))
     assert out.stdout == "2 deliveries to sink dropped\n", out.stderr
-    out = edgehook("outbox", "drop", "-c", str(cfg))
-    assert out.returncode == 1 and "give an ID or --target NAME" in out.stderr
+    for args in (["drop"], ["drop", str(a), "--target", "sink"], ["retry"],
+                 ["retry", str(a), "--all-dead"], ["list", "--limit", "0"]):
+        out = edgehook("outbox", *args, "-c", str(cfg))
+        assert out.returncode == 2, (args, out.stderr)  # as every other usage error
+        assert out.stderr.startswith(f"usage: edgehook outbox {args[0]} "), out.stderr
+        assert "Traceback" not in out.stderr
+    out = edgehook("outbox", "drop", "--target", "nosuch", "-c", str(cfg))
+    assert (out.returncode, out.stdout) == (1, "")
+    assert out.stderr == (f"edgehook: no deliveries to 'nosuch', and no webhook named "
+                          f"'nosuch' in {cfg}\n")
 
     box = Outbox(state / "outbox.db", exclusive=False)
     try:
@@ -526,6 +537,72 @@ def test_a_user_who_cannot_read_the_state_lists_through_the_api(daemon) -> None:
         assert edgehook("outbox", "list", "-c", str(cfg)).returncode == 0, "root reads the file"
     finally:
         shutil.rmtree(home)
+
+
+def test_outbox_counts_and_a_retry_of_a_pending_row_without_a_daemon(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    (pending,) = _seed(state, "sink", 1)
+    _seed(state, "sink", 1, dead=True)
+    cfg = write(tmp_path / "c.yaml", f"""\
+        state_dir: {state}
+        http: {{listen: "127.0.0.1:{free_port()}"}}
+        webhooks: {{sink: {{url: "http://127.0.0.1:9/x"}}}}
+        """)
+    out = edgehook("outbox", "retry", str(pending), "-c", str(cfg))
+    assert (out.returncode, out.stdout) == (
+        0, f"delivery {pending} is already pending; it is due now\n"), \
+        out.stderr
+    out = edgehook("outbox", "retry", "--all-dead", "-c", str(cfg))
+    assert (out.returncode, out.stdout) == (0, "1 dead delivery queued again\n"), out.stderr
+    out = edgehook("outbox", "retry", "--all-dead", "-c", str(cfg))
+    assert (out.returncode, out.stdout) == (0, "0 dead deliveries queued again\n"), out.stderr
+    out = edgehook("outbox", "purge", "-c", str(cfg))
+    assert (out.returncode, out.stdout) == (0, "0 dead deliveries purged\n"), out.stderr
+
+
+@pytest.mark.slow
+def test_outbox_list_while_the_daemon_runs_shows_what_it_delivered(tmp_path: Path,
+                                                                   daemon) -> None:  # type: ignore[no-untyped-def]
+    """The daemon writes delivered marks to the file up to MARK_LAG s late; the list
+    asks the daemon, so a delivery it made is `delivered` at once."""
+    from receiver import Receiver
+
+    port = free_port()
+    with Receiver() as sink:
+        cfg = write(tmp_path / "c.yaml", f"""\
+            state_dir: {tmp_path / 'state'}
+            gpio: {{backend: mock, inputs: {{doorbell: {{pin: 17}}}}}}
+            http: {{listen: "127.0.0.1:{port}"}}
+            webhooks: {{sink: {{url: "{sink.url}/hook"}}}}
+            rules: [{{when: {{input: doorbell}}, do: [{{webhook: sink}}]}}]
+            """)
+        d = daemon(cfg, port=port)
+        d.wait_ready()
+
+        def delivered() -> int:  # the counters: they do not write the waiting marks
+            return d.api("GET", "/api/v1/state").json()["outbox"]["delivered"]
+
+        for n in (1, 2, 3):
+            out = edgehook("sim", "click", "doorbell", "-c", str(cfg))
+            assert out.returncode == 0, out.stderr
+            sink.wait_for(n)
+            wait_until(lambda n=n: delivered() == n, timeout=10, what=f"{n} delivered")
+        out = edgehook("outbox", "list", "--json", "-c", str(cfg))
+        assert out.returncode == 0, out.stderr
+        live = json.loads(out.stdout)
+        assert [(r["status"], r["attempts"]) for r in live] == [("delivered", 1)] * 3, live
+        out = edgehook("outbox", "list", "-c", str(cfg))
+        assert [ln.split()[1] for ln in out.stdout.splitlines()[1:]] == ["delivered"] * 3
+        out = edgehook("outbox", "list", "--status", "pending", "-c", str(cfg))
+        assert (out.returncode, out.stdout) == (0, "(no deliveries)\n"), out.stderr
+        out = edgehook("outbox", "list", "--json", "--limit", "2", "-c", str(cfg))
+        assert [r["id"] for r in json.loads(out.stdout)] == [r["id"] for r in live[:2]]
+        assert d.stop() == 0
+
+    out = edgehook("outbox", "list", "--json", "-c", str(cfg))  # from the file now
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == live, "the same rows, in the same shape"
 
 
 @pytest.mark.slow

@@ -1,9 +1,10 @@
 """Command line: arguments, logging, exit codes. The only place that exits.
 
-Exit status: 0 fine; 1 a runtime failure (daemon unreachable, a request refused);
-2 the config is wrong and nothing started: every problem is printed on stderr as
-FILE:LINE:COL, including a pin gpiozero refuses at start (the systemd unit's
-`RestartPreventExitStatus=2` keeps a bad config from restarting forever).
+Exit status: 0 fine; 1 a runtime failure (daemon unreachable, a request refused,
+a port in use); 2 the config or the command line is wrong and nothing started: every
+config problem is printed on stderr as FILE:LINE:COL, including a pin gpiozero refuses
+at start (the systemd unit's `RestartPreventExitStatus=2` keeps a bad config from
+restarting forever); a command line problem as argparse's `usage:` and `error:` lines.
 
 Secrets, and the commands an admin types on the Pi:
 
@@ -58,6 +59,17 @@ def _port(text: str) -> int:
     return port
 
 
+def _positive(text: str) -> int:
+    """A count for argparse: 1 or more."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of 1 or more")
+    return n
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgehook", description="GPIO and MQTT events to "
                                 "webhooks that are never lost, and webhooks to GPIO.")
@@ -91,16 +103,18 @@ def _parser() -> argparse.ArgumentParser:
     nested.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS)
     ls = ob_sub.add_parser("list", help="list deliveries", parents=[nested])
     ls.add_argument("--status", choices=["pending", "dead", "delivered"], default=None)
-    ls.add_argument("--limit", type=int, default=100)
+    ls.add_argument("--limit", type=_positive, default=100)
     ls.add_argument("--json", action="store_true", help="print JSON")
     rt = ob_sub.add_parser("retry", help="send a dead delivery again (same webhook-id)",
                            parents=[nested])
     rt.add_argument("id", nargs="?", type=int)
     rt.add_argument("--all-dead", action="store_true")
+    rt.set_defaults(usage_error=rt.error)
     dr = ob_sub.add_parser("drop", help="delete a delivery, or every one of a target",
                            parents=[nested])
     dr.add_argument("id", nargs="?", type=int)
     dr.add_argument("--target", metavar="NAME", help="every delivery to this webhook target")
+    dr.set_defaults(usage_error=dr.error)
     pg = ob_sub.add_parser("purge", help="delete dead deliveries", parents=[nested])
     pg.add_argument("--dead", action="store_true", default=True)
     hk = cmd("hook", "send a test request to a hook of the running daemon",
@@ -132,6 +146,7 @@ def _setup_logging(verbose: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `edgehook` console script."""
     args = _parser().parse_args(argv)
+    _check_usage(args)
     _setup_logging(getattr(args, "verbose", False))
     if args.command == "receive":
         from .receiver import serve
@@ -162,6 +177,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"edgehook: {exc}", file=sys.stderr)
         return EXIT_FAIL
     return EXIT_FAIL
+
+
+def _check_usage(args: argparse.Namespace) -> None:
+    """What argparse cannot say alone: `retry` and `drop` take one of two (exit 2)."""
+    cmd = getattr(args, "outbox_command", None)
+    if cmd == "retry" and (args.id is None) == (not args.all_dead):
+        args.usage_error("give an ID or --all-dead (one of them)")
+    if cmd == "drop" and (args.id is None) == (args.target is None):
+        args.usage_error("give an ID or --target NAME (one of them)")
 
 
 def _config_problems(args: argparse.Namespace, path: str, problems: list[str]) -> int:

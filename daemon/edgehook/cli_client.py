@@ -23,6 +23,7 @@ from .schemacheck import suggest
 from .yamlload import PERMISSION_HINT
 
 EXIT_OK, EXIT_FAIL = 0, 1
+API_LIST_MAX = 100  # the most rows GET /api/v1/outbox answers with (the outbox's default)
 TOKEN_VARIABLE = "EDGEHOOK_API_TOKEN"
 CREDENTIALS = "/run/credentials/edgehook.service"  # the unit's $CREDENTIALS_DIRECTORY
 
@@ -108,6 +109,11 @@ def _reason(exc: Exception) -> str:
     return type(exc).__name__
 
 
+def _count(n: int, one: str, many: str) -> str:
+    """`1 dead delivery`, `2 dead deliveries`."""
+    return f"{n} {one if n == 1 else many}"
+
+
 def _detail(body: Any) -> str:
     if isinstance(body, dict):
         return str(body.get("detail") or body.get("error") or body)
@@ -139,40 +145,58 @@ def outbox_command(cfg: Config, api: DaemonApi, args: argparse.Namespace) -> int
 
     Changes go through a running daemon so its senders and counters see them at once
     (they do not poll the file); with no daemon they are made in the file and take
-    effect at the next start.
+    effect at the next start. A listing asks the daemon too: it writes delivered marks
+    to the file up to a few seconds late (to spare the SD card), so the file alone
+    would show a delivery it has made as still pending. (cli.py has already checked
+    the arguments: `retry` has an ID or --all-dead, `drop` an ID or --target.)
     """
-    cmd = args.outbox_command
-    if cmd == "retry" and args.id is None and not args.all_dead:
-        print("edgehook: give an ID or --all-dead", file=sys.stderr)
-        return EXIT_FAIL
-    if cmd == "drop" and (args.id is None) == (args.target is None):
-        print("edgehook: give an ID or --target NAME (one of them)", file=sys.stderr)
-        return EXIT_FAIL
+    if args.outbox_command == "list":
+        return _list(cfg, api, args)
     try:
-        if cmd == "list":
-            return _list(cfg, api, args)
         return _change_via_api(cfg, api, args)
     except Unreachable:
-        if cmd == "list":
-            raise
-    return _change_in_file(cfg, args)
+        return _change_in_file(cfg, args)
 
 
 def _list(cfg: Config, api: DaemonApi, args: argparse.Namespace) -> int:
-    """From the file (works while the daemon is down); from the API when it is unreadable."""
+    """From the running daemon (what it knows now); from the file when none answers.
+
+    A daemon that refuses our API token (401) is listed from the file when this user
+    can read it, with a note that the newest deliveries may show as pending there.
+    """
+    query = f"?status={args.status}" if args.status else ""
     try:
-        items = _with_file(cfg, lambda box: box.list(args.status, args.limit))
+        status, body = api.call("GET", f"/api/v1/outbox{query}")
+    except Unreachable:
+        return _print_list(_list_file(cfg, args, None), args.json)
+    except EdgehookError as exc:  # 401: the token is not ours to read here
+        items = _list_file(cfg, args, str(exc))
+        print("edgehook: the daemon wants an API token: listed from the outbox file "
+              "instead, where deliveries of the last few seconds may still show as "
+              "pending", file=sys.stderr)
+        return _print_list(items, args.json)
+    if status != 200 or not isinstance(body, dict):
+        print(f"edgehook: the daemon answered {status}: {_detail(body)}", file=sys.stderr)
+        return EXIT_FAIL
+    items = body.get("items", [])
+    if args.limit > len(items) >= API_LIST_MAX:
+        print(f"edgehook: the daemon's API lists the newest {API_LIST_MAX} rows; stop the "
+              f"daemon to list up to {args.limit} from the file", file=sys.stderr)
+    return _print_list(items[:args.limit], args.json)
+
+
+def _list_file(cfg: Config, args: argparse.Namespace, refused: str | None) -> list[Any]:
+    """The rows as the file has them. When this user cannot read it either, the error
+    is the daemon's refusal (`refused`: the token is what to fix), else the file's."""
+    try:
+        return _with_file(cfg, lambda box: box.list(args.status, args.limit))
     except _NoAccess as exc:
-        try:
-            query = f"?status={args.status}" if args.status else ""
-            status, body = api.call("GET", f"/api/v1/outbox{query}")
-        except Unreachable:
-            raise EdgehookError(str(exc)) from None
-        if status != 200 or not isinstance(body, dict):
-            print(f"edgehook: the daemon answered {status}: {_detail(body)}", file=sys.stderr)
-            return EXIT_FAIL
-        items = body.get("items", [])[:args.limit]
-    if args.json:
+        raise EdgehookError(refused or str(exc)) from None
+
+
+def _print_list(items: list[dict[str, Any]], as_json: bool) -> int:
+    """The same table or JSON whether the rows came from the daemon or the file."""
+    if as_json:
         print(json.dumps(items, indent=2))
     else:
         _print_table(items)
@@ -195,7 +219,8 @@ def _change_via_api(cfg: Config, api: DaemonApi, args: argparse.Namespace) -> in
     elif cmd == "retry":
         status, body = api.call("POST", "/api/v1/outbox/retry")
         if status == 200 and isinstance(body, dict):
-            print(f"{body.get('retried', 0)} dead deliveries queued again")
+            n = int(body.get("retried", 0))
+            print(f"{_count(n, 'dead delivery', 'dead deliveries')} queued again")
             return EXIT_OK
     elif cmd == "drop" and item is not None:
         status, body = api.call("DELETE", f"/api/v1/outbox/{item}")
@@ -213,7 +238,8 @@ def _change_via_api(cfg: Config, api: DaemonApi, args: argparse.Namespace) -> in
     else:
         status, body = api.call("DELETE", "/api/v1/outbox?status=dead")
         if status == 200 and isinstance(body, dict):
-            print(f"{body.get('purged', 0)} dead deliveries purged")
+            n = int(body.get("purged", 0))
+            print(f"{_count(n, 'dead delivery', 'dead deliveries')} purged")
             return EXIT_OK
     print(f"edgehook: the daemon answered {status}: {_detail(body)}", file=sys.stderr)
     return EXIT_FAIL
@@ -234,7 +260,8 @@ def _change_in_file(cfg: Config, args: argparse.Namespace) -> int:
     def change(box: Any) -> int:
         now = time.time()
         if cmd == "retry" and args.all_dead:
-            print(f"{box.retry_all_dead(now)} dead deliveries queued again")
+            n = box.retry_all_dead(now)
+            print(f"{_count(n, 'dead delivery', 'dead deliveries')} queued again")
         elif cmd == "retry":
             row = box.get(item)
             if row is None:
@@ -242,10 +269,14 @@ def _change_in_file(cfg: Config, args: argparse.Namespace) -> int:
                 return EXIT_FAIL
             if row["target"] not in cfg.webhooks:
                 return _target_gone(cfg, item, "")
-            if not box.retry(item, now):
+            was = row["status"]
+            if not box.retry(item, now):  # (a pending row is made due now)
                 print(f"edgehook: delivery {item} was delivered already", file=sys.stderr)
                 return EXIT_FAIL
-            print(f"delivery {item} queued again")
+            if was == "pending":
+                print(f"delivery {item} is already pending; it is due now")
+            else:
+                print(f"delivery {item} queued again")
         elif cmd == "drop" and item is not None:
             if not box.drop(item):
                 print(f"edgehook: no pending or dead delivery with id {item}",
@@ -255,7 +286,8 @@ def _change_in_file(cfg: Config, args: argparse.Namespace) -> int:
         elif cmd == "drop":
             return _dropped_target(cfg, args.target, box.drop_target(args.target))
         else:
-            print(f"{box.purge('dead')} dead deliveries purged")
+            n = box.purge("dead")
+            print(f"{_count(n, 'dead delivery', 'dead deliveries')} purged")
         return EXIT_OK
 
     try:
@@ -277,10 +309,13 @@ def _target_gone(cfg: Config, item: int, detail: str) -> int:
 
 
 def _dropped_target(cfg: Config, target: str, n: int) -> int:
-    print(f"{n} deliver{'y' if n == 1 else 'ies'} to {target} dropped")
+    """`N deliveries to T dropped`; none to a target the config does not name is a
+    mistyped name (exit 1), while the rows of a target removed from it are dropped."""
     if n == 0 and target not in cfg.webhooks:
-        print(f"edgehook: no webhook named {target!r} in {cfg.path}"
-              f"{suggest(target, list(cfg.webhooks))}", file=sys.stderr)
+        print(f"edgehook: no deliveries to {target!r}, and no webhook named {target!r} in "
+              f"{cfg.path}{suggest(target, list(cfg.webhooks))}", file=sys.stderr)
+        return EXIT_FAIL
+    print(f"{_count(n, 'delivery', 'deliveries')} to {target} dropped")
     return EXIT_OK
 
 

@@ -114,7 +114,8 @@ class RowAdmin:
             self._apply({s: -k for s, k in n.items()})
         total = sum(n.values())
         if total:
-            _LOG.warning("outbox: %d row(s) of target %s dropped by the user", total, target)
+            _LOG.warning("outbox: %d %s of target %s dropped by the user", total,
+                         "row" if total == 1 else "rows", target)
         return total
 
     def list(self, status: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
