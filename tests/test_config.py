@@ -510,3 +510,141 @@ def test_config_where_points_at_the_value(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     assert cfg.where("gpio", "inputs", "doorbell", "pin") == f"{path}:5:21"
     assert cfg.where("gpio", "inputs", "doorbell", "nothing") == f"{path}:5:15"
+
+
+# --------------------------------------------------------------------------- what run refuses
+
+def test_mqtt_tls_files_must_be_readable_at_load(tmp_path: Path) -> None:
+    """`run` would stop at connect with a bare errno; check names the file and key."""
+    text = """\
+        mqtt:
+          host: 127.0.0.1
+          tls: {ca_file: /nonexistent/ca.pem, cert_file: client.crt, key_file: client.key}
+        """
+    found = problems(tmp_path, text)
+    path = tmp_path / "c.yaml"
+    assert found == [
+        f"{path}:3:18: mqtt.tls.ca_file: cannot read /nonexistent/ca.pem: No such file or "
+        "directory",
+        f"{path}:3:50: mqtt.tls.cert_file: cannot read {tmp_path / 'client.crt'}: No such "
+        "file or directory",
+        f"{path}:3:72: mqtt.tls.key_file: cannot read {tmp_path / 'client.key'}: No such "
+        "file or directory"]
+    # relative names are relative to the config file, as the daemon then uses them
+    (tmp_path / "ca.pem").write_text("x")
+    cfg = load_config(write(tmp_path, "mqtt: {host: h, tls: {ca_file: ca.pem}}\n"),
+                      environ={})
+    assert cfg.mqtt is not None and cfg.mqtt.tls is not None
+    assert cfg.mqtt.tls.ca_file == str(tmp_path / "ca.pem")
+
+
+@pytest.mark.parametrize("text,line,message", [pytest.param(*case, id=case[2].split(":")[0])
+                                               for case in [
+    ("http: {max_body: -1}\n", 1, "http.max_body: a size cannot be negative"),
+    ("http: {max_body: 0}\n", 1, "http.max_body: must be more than 0, got 0"),
+    ("http: {max_body: 0KiB}\n", 1, "http.max_body: must be more than 0, got 0KiB"),
+    ("http: {timeout: 0s}\n", 1, "http.timeout: must be more than 0, got 0s"),
+    ("mqtt: {host: h, max_payload: 0}\n", 1, "mqtt.max_payload: must be more than 0"),
+    ("mqtt: {host: h, keepalive: 0}\n", 1, "mqtt.keepalive: must be more than 0"),
+    ("webhooks:\n  w: {url: 'http://a', timeout: 0ms}\n", 2,
+     "webhooks.w.timeout: must be more than 0"),
+    ("webhooks:\n  w: {url: 'http://a', retry: {max_age: 0}}\n", 2,
+     "webhooks.w.retry.max_age: must be more than 0"),
+    ("hooks:\n  h: {auth: none, rate_limit: {per: 0s}}\n", 2,
+     "hooks.h.rate_limit.per: must be more than 0"),
+    ("gpio:\n  inputs:\n    b: {pin: 17, hold: 0s}\n", 3,
+     "gpio.inputs.b.hold: must be more than 0"),
+    ("gpio:\n  inputs:\n    b: {pin: 17, expect_every: 0}\n", 3,
+     "gpio.inputs.b.expect_every: must be more than 0"),
+    ("gpio:\n  inputs:\n    b: {pin: 17, gestures: {long_press: 0s}}\n", 3,
+     "gpio.inputs.b.gestures.long_press: must be more than 0"),
+    ("gpio:\n  outputs:\n    o: {pin: 17, max_on: 0s}\n", 3,
+     "gpio.outputs.o.max_on: must be more than 0"),
+]])
+def test_sizes_and_durations_that_must_be_positive(tmp_path: Path, text: str, line: int,
+                                                   message: str) -> None:
+    found = problems(tmp_path, text)
+    assert len(found) == 1 and f"c.yaml:{line}:" in found[0] and message in found[0], found
+
+
+def test_zero_still_means_none_where_it_makes_sense(tmp_path: Path) -> None:
+    text = """\
+        gpio:
+          backend: mock
+          inputs: {b: {pin: 17, bounce: 0, filters: {delayed_on: 0s}}}
+          outputs: {o: {pin: 27, min_interval: 0s}}
+        rules:
+          - when: {input: b}
+            cooldown: 0s
+            do: {output: o, set: on, for: 0s}
+        """
+    load_config(write(tmp_path, text), environ={})
+
+
+def test_publish_topic_must_name_one_topic(tmp_path: Path) -> None:
+    text = """\
+        mqtt: {host: h}
+        rules:
+          - when: {start: true}
+            do:
+              - publish: "x/+/y"
+              - publish: ""
+              - publish: "alarm/{{ event.type }}/#"
+              - publish: "a/{{ 'b+c' }}/{# # #}d"
+              - publish: "home/{{ event.source }}/state"
+        """
+    found = problems(tmp_path, text)
+    assert [p.split(": ", 1)[0].rsplit(":", 2)[1:] for p in found] == \
+        [["5", "18"], ["6", "18"], ["7", "18"]]
+    assert "publish: 'x/+/y' has the wildcard +" in found[0]
+    assert "publish: the topic is empty" in found[1]
+    assert "has the wildcard #" in found[2]
+
+
+@pytest.mark.parametrize("token,why", [
+    ('""', "is empty"),
+    ("!env HOOK_TOKEN \"\"", "is empty"),
+    ('"two words"', "contains whitespace or a control character"),
+    ('"abc\\n"', "contains whitespace or a control character"),
+    ('"abc\\tdef"', "contains whitespace or a control character"),
+    ('"abc\\x07"', "contains whitespace or a control character"),
+])
+def test_bearer_tokens_a_client_cannot_send_are_refused(tmp_path: Path, token: str,
+                                                        why: str) -> None:
+    found = problems(tmp_path, f"hooks:\n  h:\n    auth: {{token: {token}}}\n"
+                               f"http:\n  api_token: {token}\n")
+    assert len(found) == 2, found
+    assert f"c.yaml:3:19: hooks.h.auth.token: {why}" in found[0]
+    assert f"c.yaml:5:14: http.api_token: {why}" in found[1]
+    assert "abc" not in "".join(found) and "two words" not in "".join(found)
+
+
+def test_env_mistakes_are_each_reported_once(tmp_path: Path) -> None:
+    text = """\
+        mqtt:
+          host: !env
+          password: !env [a, b]
+          username: !file
+          client_id: !env {a: b}
+          topic_prefix: !foo x
+        http:
+          api_token: !env
+        """
+    found = problems(tmp_path, text)
+    assert [int(re.search(r"c\.yaml:(\d+):", p).group(1)) for p in found] == \
+        [2, 3, 4, 5, 6, 8], found
+    assert "!env needs a variable name: !env NAME or !env NAME DEFAULT" in found[0]
+    assert "!env takes one line of text, not a list: !env NAME or !env NAME DEFAULT" \
+        in found[1]
+    assert "!file needs a path: !file PATH" in found[2]
+    assert "!env takes one line of text, not a mapping" in found[3]
+    assert "unsupported tag '!foo' (only !env NAME [DEFAULT] and !file PATH are allowed)" \
+        in found[4]
+
+
+def test_env_default_in_quotes(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, """\
+        mqtt: {host: h, username: !env U "", password: !env P 'two words'}
+        """), environ={})
+    assert cfg.mqtt is not None
+    assert (cfg.mqtt.username, cfg.mqtt.password) == ("", "two words")

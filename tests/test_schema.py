@@ -260,7 +260,7 @@ GOOD: dict[str, str] = {
                 payload: {state: on, n: 1}
                 retain: true
         """),
-    "tls mapping": "mqtt:\n  host: h\n  protocol: '3.1.1'\n  tls: {ca_file: /etc/ca.pem}\n",
+    "tls mapping": "mqtt:\n  host: h\n  protocol: '3.1.1'\n  tls: {ca_file: token.txt}\n",
     "hooks, every auth": case("""\
         hooks:
           a: {auth: none, allow_from: 192.168.1.0/24}
@@ -318,6 +318,11 @@ BAD_BOTH: dict[str, str] = {
     "bad duration: negative": "gpio: {inputs: {b: {pin: 17, bounce: -1}}}\n",
     "bad duration: boolean": "webhooks: {w: {url: 'http://a', timeout: true}}\n",
     "bad size": "http: {max_body: lots}\n",
+    "negative size": "http: {max_body: -1}\n",
+    "zero size that must be positive": "mqtt: {host: h, max_payload: 0KiB}\n",
+    "zero duration that must be positive": "http: {timeout: 0s}\n",
+    "zero number of seconds that must be positive": "webhooks: {w: {url: 'http://a', "
+                                                    "timeout: 0}}\n",
     "bad auth word": "hooks: {h: {auth: open}}\n",
     "auth word typo": "hooks: {h: {auth: nnone}}\n",
     "auth both token and hmac": "hooks: {h: {auth: {token: a, hmac: {scheme: github, "
@@ -380,6 +385,13 @@ LOADER_ONLY: dict[str, tuple[str, str]] = {
                                        "rules: [{when: {mqtt: 'a/#/b'}, do: {publish: t}}]\n"),
     "unset environment variable": ("environment", "http: {api_token: !env EDGEHOOK_UNSET_X}\n"),
     "unreadable !file": ("environment", "http: {api_token: !file /nonexistent/edgehook}\n"),
+    "unreadable mqtt TLS file": ("environment", "mqtt: {host: h, tls: {ca_file: /nonexistent/"
+                                                "ca.pem}}\n"),
+    "empty hook token": ("text format", "hooks: {h: {auth: {token: ''}}}\n"),
+    "api_token with a newline": ("text format", "http: {api_token: \"abc\\n\"}\n"),
+    "publish to a wildcard": ("template meaning", "mqtt: {host: h}\n"
+                                                  "rules: [{when: {start: true}, "
+                                                  "do: {publish: 'a/+/b'}}]\n"),
     "tag value of the wrong type": ("environment", "mqtt: {host: h, port: !env PORT eighty}\n"),
     "duplicate key": ("YAML reading", "gpio:\n  backend: mock\n  backend: auto\n"),
     "merge key": ("YAML reading", "gpio:\n  <<: {backend: mock}\n"),

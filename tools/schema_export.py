@@ -58,6 +58,9 @@ DURATION_PATTERN = (r"^\s*(?:" + _NUMBER_TEXT + r"|(?:\d+(?:\.\d+)?\s*(?:"
 SIZE_PATTERN = (r"^\s*\d+(?:\.\d+)?\s*(?:"
                 + "|".join(_ci(u) for u in ("b", "kb", "kib", "mb", "mib", "gb", "gib"))
                 + r")?\s*$")
+# The same with at least one digit that is not 0: more than nothing.
+POSITIVE_DURATION_PATTERN = r"^(?=.*[1-9])" + DURATION_PATTERN[1:]
+POSITIVE_SIZE_PATTERN = r"^(?=.*[1-9])" + SIZE_PATTERN[1:]
 ONOFF_PATTERN = (r"^\s*(?:" + "|".join(_ci(w) for w in ("on", "off", "true", "false", "high",
                                                        "low")) + r"|1|0)\s*$")
 
@@ -79,14 +82,30 @@ DEFS: dict[str, Any] = {
         ],
         "description": "a duration: 250ms, 10s, 5m, 1h, 1h30m, 1d or a number of seconds",
     },
+    "positive_duration": {
+        "anyOf": [
+            {"type": "number", "exclusiveMinimum": 0},
+            {"type": "string", "pattern": POSITIVE_DURATION_PATTERN},
+            {"$ref": "#/$defs/tagged"},
+        ],
+        "description": "a duration longer than 0s: 250ms, 10s, 5m, 1h, 1h30m, 1d or a number "
+                       "of seconds",
+    },
     "size": {
         "anyOf": [
-            {"type": "integer"},
             {"type": "number", "minimum": 0},
             {"type": "string", "pattern": SIZE_PATTERN},
             {"$ref": "#/$defs/tagged"},
         ],
         "description": "a size: 64KiB, 1MiB, 500kB or a number of bytes",
+    },
+    "positive_size": {
+        "anyOf": [
+            {"type": "number", "minimum": 1},
+            {"type": "string", "pattern": POSITIVE_SIZE_PATTERN},
+            {"$ref": "#/$defs/tagged"},
+        ],
+        "description": "a size of at least 1 byte: 64KiB, 1MiB, 500kB or a number of bytes",
     },
     "onoff": {
         "anyOf": [
@@ -227,10 +246,8 @@ def _scalar_schema(node: S.Scalar) -> dict[str, Any]:
             return {"anyOf": [{"enum": _enum_values(node.choices)},
                               {"$ref": "#/$defs/yaml11_bool"}]}
         return {"enum": _enum_values(node.choices)}
-    if kind == S.DURATION:
-        return {"$ref": "#/$defs/duration"}
-    if kind == S.SIZE:
-        return {"$ref": "#/$defs/size"}
+    if kind in (S.DURATION, S.SIZE):
+        return {"$ref": f"#/$defs/{'positive_' if node.positive else ''}{kind}"}
     if kind == S.ONOFF:
         return {"$ref": "#/$defs/onoff"}
     if kind == S.INT:
@@ -387,6 +404,8 @@ class _Doc:
             if node.choices:
                 return "one of " + ", ".join(_code(c) for c in node.choices)
             text = KIND_NAMES[node.kind]
+            if node.positive:
+                text += " (more than 0)"
             if node.kind == S.INT and node.minimum is not None and node.maximum is not None:
                 text += f" ({node.minimum:g}–{node.maximum:g})"
             elif node.kind == S.INT and node.minimum is not None:
@@ -516,7 +535,8 @@ Any value can come from outside the file:
 | Tag | Meaning |
 |---|---|
 | `!env NAME` | the environment variable NAME; an error when it is unset |
-| `!env NAME DEFAULT` | the variable, else DEFAULT |
+| `!env NAME DEFAULT` | the variable, else DEFAULT (quotes around it are removed: \
+`!env NAME ""` is the empty string) |
 | `!file PATH` | the file's contents, stripped (e.g. a systemd credential: \
 `!file ${CREDENTIALS_DIRECTORY}/mqtt_password`); relative to the config file |
 

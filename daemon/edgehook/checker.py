@@ -234,8 +234,8 @@ class Builder:
         if tls is True:
             tls_cfg = TlsConfig()
         elif isinstance(tls, dict):
-            tls_cfg = TlsConfig(tls.get("ca_file"), tls.get("cert_file"), tls.get("key_file"),
-                                bool(tls.get("insecure")))
+            files = self.readable_files(tls, ("mqtt", "tls"))
+            tls_cfg = TlsConfig(**files, insecure=bool(tls.get("insecure")))
             if bool(tls_cfg.cert_file) != bool(tls_cfg.key_file):
                 self.err(("mqtt", "tls"), "mqtt.tls: cert_file and key_file go together")
         ha = m.get("homeassistant") or {"discovery": True, "prefix": "homeassistant"}
@@ -258,6 +258,10 @@ class Builder:
         token = h.get("api_token")
         if ("http", "api_token") in self.c.unresolved:
             token = None  # the CLI tries without it (and says how to give it)
+        elif token is not None and not self.token(
+                token, ("http", "api_token"), "; leave the key out to run the API without "
+                                              "a token"):
+            pass  # said why; the listener check below would only repeat it
         elif not is_loopback(host) and not token:
             self.err(("http", "listen"), f"http.listen: {host} is reachable from the network, "
                                          "so http.api_token is required")
@@ -271,6 +275,24 @@ class Builder:
                           max_connections=h.get("max_connections") or 32,
                           trusted_proxies=self.networks(h.get("trusted_proxies"),
                                                         ("http", "trusted_proxies")))
+
+    def token(self, token: str, path: tuple[Any, ...], empty_hint: str = "") -> bool:
+        """A bearer token a client can send: not empty, no whitespace, no control
+        characters (the message never shows the token)."""
+        if path in self.c.unresolved:
+            return True
+        where = ".".join(map(str, path))
+        if not token:
+            self.err(path, f"{where}: is empty (an !env variable set to \"\" or an empty "
+                           f"file?), so no request could ever match it{empty_hint}")
+            return False
+        if any(c.isspace() or not c.isprintable() for c in token):
+            self.err(path, f"{where}: contains whitespace or a control character (a "
+                           "trailing newline?), which no Authorization: Bearer header "
+                           "can carry; use letters, digits and punctuation, e.g. "
+                           "`openssl rand -hex 32`")
+            return False
+        return True
 
     def networks(self, items: list[Any] | None, path: tuple[Any, ...],
                  ) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
@@ -287,11 +309,21 @@ class Builder:
         return tuple(nets)
 
     def tls_files(self, t: dict[str, Any] | None, path: tuple[Any, ...]) -> WebhookTls | None:
-        """Each file must exist and be readable now, not at the first delivery."""
+        """A target's TLS files, each readable now, not at the first delivery."""
         if not t:
             return None
+        files = self.readable_files(t, path)
+        if files["key_file"] and not files["cert_file"]:
+            self.err((*path, "key_file"), f"{'.'.join(map(str, path))}.key_file: needs "
+                                          "cert_file (the client certificate the key "
+                                          "belongs to)")
+        return WebhookTls(**files)
+
+    def readable_files(self, t: dict[str, Any], path: tuple[Any, ...]) -> dict[str, str | None]:
+        """ca_file, cert_file and key_file made absolute (relative to the config file),
+        each one readable now (lenient loads take them as written)."""
         if self.lenient:
-            return WebhookTls(t.get("ca_file"), t.get("cert_file"), t.get("key_file"))
+            return {k: t.get(k) for k in ("ca_file", "cert_file", "key_file")}
         where = ".".join(map(str, path))
         files: dict[str, str | None] = {}
         for key in ("ca_file", "cert_file", "key_file"):
@@ -311,10 +343,7 @@ class Builder:
                 if isinstance(exc, PermissionError):
                     reason += " (the daemon's user must be able to read it)"
                 self.err((*path, key), f"{where}.{key}: cannot read {p}: {reason}")
-        if files["key_file"] and not files["cert_file"]:
-            self.err((*path, "key_file"), f"{where}.key_file: needs cert_file (the client "
-                                          "certificate the key belongs to)")
-        return WebhookTls(**files)
+        return files
 
     def signing(self, s: dict[str, Any] | None, path: tuple[Any, ...] = ()) -> Signing | None:
         if not s:
@@ -349,14 +378,14 @@ class Builder:
             auth = HookAuth("none")
         elif isinstance(a, dict) and a.get("__kind__") == "token":
             auth = HookAuth("token", token=a["token"])
+            if a["token"] is not None:
+                self.token(a["token"], (*p, "auth", "token"))
         elif isinstance(a, dict) and a.get("__kind__") == "hmac":
             auth = HookAuth("hmac", signing=self.signing(a["hmac"], (*p, "auth", "hmac")))
         else:
             auth = HookAuth("none")
         nets = self.networks(h.get("allow_from"), (*p, "allow_from"))
         rl = h.get("rate_limit") or {"requests": 30, "per": 60.0}
-        if rl["per"] <= 0:
-            self.err((*p, "rate_limit", "per"), f"hooks.{name}.rate_limit.per: must be > 0")
         return HookConfig(name=name, auth=auth, allow_from=nets, respond=h["respond"],
                           rate_requests=rl["requests"], rate_per=rl["per"] or 60.0)
 
@@ -456,10 +485,30 @@ class Builder:
                 self.err((*p, "publish"), "a publish action needs an mqtt: section")
                 return None
             topic = self.template(a["publish"], (*p, "publish"))
+            if topic is not None and (*p, "publish") not in self.c.unresolved:
+                self.publish_topic(topic, (*p, "publish"))
             payload = self.tree(a.get("payload"), (*p, "payload"))
             return PublishAction(topic, payload, a.get("qos") if a.get("qos") is not None
                                  else mqtt.qos, a["retain"]) if topic else None
         return None
+
+    def publish_topic(self, topic: Template, path: tuple[Any, ...]) -> None:
+        """What rendering cannot fix: an empty topic, or + / # written into it.
+
+        A template is judged by its literal text only; what its expressions render is
+        checked when the action runs.
+        """
+        static = getattr(topic, "is_static", False)
+        literal = topic.source if static else _literal_text(topic.source)
+        wild = sorted({c for c in "+#" if c in literal})
+        if static and not topic.source:
+            self.err(path, "publish: the topic is empty")
+        elif wild:
+            self.err(path, f"publish: {topic.source!r} has the wildcard "
+                           f"{' and '.join(wild)}: a topic to publish to names one topic "
+                           "(wildcards belong in an mqtt trigger)")
+        elif "\0" in literal:
+            self.err(path, "publish: the topic contains a NUL character")
 
     def _missing(self, p: tuple[Any, ...], what: str, name: str, known: list[str]) -> None:
         self.err((*p, what), f"no {what} named {name!r}{suggest(name, known)}"
@@ -469,6 +518,13 @@ class Builder:
 def _pin_key(pin: Any) -> str:
     s = str(pin).upper()
     return "GPIO" + s if s.isdigit() else s.replace("BCM", "GPIO")
+
+
+def _literal_text(source: str) -> str:
+    """The text of a Jinja2 template outside its {{ }}, {% %} and {# #} blocks."""
+    from jinja2 import Environment  # already loaded: the template was just compiled
+
+    return "".join(value for _, kind, value in Environment().lex(source) if kind == "data")
 
 
 def _valid_filter(flt: str) -> bool:

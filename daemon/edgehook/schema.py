@@ -28,12 +28,17 @@ INPUT_CLASSES = (
 
 @dataclass(frozen=True)
 class Scalar:
-    """A leaf value of one kind, optionally restricted to `choices` or a range."""
+    """A leaf value of one kind, optionally restricted to `choices` or a range.
+
+    `positive`: a duration or size where zero means nothing sensible (a timeout, a
+    body limit), so it must be more than 0.
+    """
 
     kind: str
     choices: tuple[Any, ...] = ()
     minimum: float | None = None
     maximum: float | None = None
+    positive: bool = False
     pattern: str | None = None
     secret: bool = False
 
@@ -103,6 +108,8 @@ def _enum(*choices: Any) -> Scalar:
 
 
 DURATION_NODE = _s(DURATION)
+POSITIVE_DURATION = _s(DURATION, positive=True)
+POSITIVE_SIZE = _s(SIZE, positive=True)
 
 FILTERS = Obj({
     "delayed_on": Key(DURATION_NODE, "a change to active counts only after the level held that "
@@ -114,10 +121,10 @@ FILTERS = Obj({
 }, "software filters applied to edges before rules see them")
 
 GESTURES = Obj({
-    "double_click": Key(DURATION_NODE, "a second press starting within this long after the "
+    "double_click": Key(POSITIVE_DURATION, "a second press starting within this long after the "
                         "first release is a double_click (no click is reported)",
                         default=0.4, example="400ms"),
-    "long_press": Key(DURATION_NODE, "pressed at least this long is a long_press, not a click",
+    "long_press": Key(POSITIVE_DURATION, "pressed at least this long is a long_press, not a click",
                       default=1.0, example="1s"),
 }, "emit click, double_click and long_press events")
 
@@ -129,13 +136,13 @@ INPUT = Obj({
     "active": Key(_enum("high", "low"), "the level that means pressed (only with pull: none)"),
     "bounce": Key(DURATION_NODE, "debounce time handed to the pin driver (real pins only)",
                   example="30ms"),
-    "hold": Key(DURATION_NODE, "emit `held` after the input stayed pressed this long",
+    "hold": Key(POSITIVE_DURATION, "emit `held` after the input stayed pressed this long",
                 example="2s"),
     "class": Key(_enum(*INPUT_CLASSES), "what is wired: sets the Home Assistant device class",
                  default="button"),
     "filters": Key(FILTERS, "software filters, the same on every pin factory"),
     "gestures": Key(GESTURES, "click / double_click / long_press detection"),
-    "expect_every": Key(DURATION_NODE, "emit `silent` once when the input did not change for "
+    "expect_every": Key(POSITIVE_DURATION, "emit `silent` once when the input did not change for "
                         "this long, `resumed` when it does again", example="12h"),
 }, "a GPIO input (button, doorbell, PIR, reed contact)")
 
@@ -144,7 +151,7 @@ OUTPUT = Obj({
     "active": Key(_enum("high", "low"), "the level that means on", default="high"),
     "initial": Key(_s(ONOFF), "state set at start", default="off"),
     "class": Key(_enum("light", "switch"), "Home Assistant entity kind", default="switch"),
-    "max_on": Key(DURATION_NODE, "switched off after this long on, whatever else happens",
+    "max_on": Key(POSITIVE_DURATION, "switched off after this long on, whatever else happens",
                   example="10m"),
     "on_stop": Key(_enum("off", "on", "keep"), "state left on a clean shutdown", default="off"),
     "min_interval": Key(DURATION_NODE, "changes faster than this are refused (protects relays)",
@@ -167,7 +174,8 @@ TLS = Obj({
                      example="/etc/edgehook/client.crt"),
     "key_file": Key(_s(STR), "client key (mutual TLS)", example="/etc/edgehook/client.key"),
     "insecure": Key(_s(BOOL), "skip hostname verification (testing only)", default=False),
-})
+}, "TLS to the broker; each file must be readable when the config is loaded (a relative "
+   "path is relative to the config file)")
 
 MQTT = Obj({
     "host": Key(_s(STR), "broker host name or address", required=True, example="192.168.1.10"),
@@ -181,11 +189,11 @@ MQTT = Obj({
                          example="edgehook/front-door"),
     "client_id": Key(_s(STR), "MQTT client id, fixed so the session persists "
                      "(default edgehook-<device.id>)", example="edgehook-front-door"),
-    "keepalive": Key(DURATION_NODE, "MQTT keepalive", default=60.0),
+    "keepalive": Key(POSITIVE_DURATION, "MQTT keepalive", default=60.0),
     "protocol": Key(_enum("3.1.1", "5"), "MQTT protocol version", default="3.1.1"),
     "qos": Key(_s(INT, minimum=0, maximum=2), "QoS for subscriptions, events and commands",
                default=1),
-    "max_payload": Key(_s(SIZE), "larger inbound payloads are logged and dropped",
+    "max_payload": Key(POSITIVE_SIZE, "larger inbound payloads are logged and dropped",
                        default=262144, example="256KiB"),
     "queue_size": Key(_s(INT, minimum=1), "publishes kept while disconnected", default=1000),
     "homeassistant": Key(Obj({
@@ -198,9 +206,10 @@ HTTP = Obj({
     "listen": Key(_s(STR), "address:port of the HTTP API and hooks; a non-loopback address "
                   "needs api_token", default="127.0.0.1:8080"),
     "api_token": Key(_s(STR, secret=True), "bearer token required on /api/* and the status "
-                     "page", example="!env EDGEHOOK_API_TOKEN"),
-    "max_body": Key(_s(SIZE), "larger request bodies get 413", default=65536, example="64KiB"),
-    "timeout": Key(DURATION_NODE, "a client must send its whole request within this time",
+                     "page; not empty, no spaces or control characters",
+                     example="!env EDGEHOOK_API_TOKEN"),
+    "max_body": Key(POSITIVE_SIZE, "larger request bodies get 413", default=65536, example="64KiB"),
+    "timeout": Key(POSITIVE_DURATION, "a client must send its whole request within this time",
                    default=5.0),
     "max_connections": Key(_s(INT, minimum=1), "concurrent connections served", default=32),
     "trusted_proxies": Key(ListOf(_s(STR), single_ok=True),
@@ -234,12 +243,12 @@ WEBHOOK = Obj({
     "headers": Key(NamedMap(_s(TEMPLATE), name_pattern=r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"),
                    "extra headers (values are templates)", default={},
                    example="{X-Extra: value}"),
-    "timeout": Key(DURATION_NODE, "per-attempt timeout", default=10.0),
+    "timeout": Key(POSITIVE_DURATION, "per-attempt timeout", default=10.0),
     "signing": Key(SIGNING, "sign each delivery"),
     "retry": Key(Obj({
         "max_attempts": Key(_s(INT, minimum=1), "attempts in all, the first included",
                             default=12),
-        "max_age": Key(DURATION_NODE, "give up (dead) this long after the event", default=900.0,
+        "max_age": Key(POSITIVE_DURATION, "give up (dead) this long after the event", default=900.0,
                        example="15m"),
     }), "retry policy"),
     "tls": Key(WEBHOOK_TLS, "private CA and client certificate for https:// targets"),
@@ -247,7 +256,8 @@ WEBHOOK = Obj({
 
 HOOK_AUTH = Union({
     "token": Obj({"token": Key(_s(STR, secret=True), "Authorization: Bearer <token> or "
-                               "X-Edgehook-Token", required=True, example="!env HOOK_TOKEN")}),
+                               "X-Edgehook-Token; not empty, no spaces or control "
+                               "characters", required=True, example="!env HOOK_TOKEN")}),
     "hmac": Obj({"hmac": Key(SIGNING, "HMAC signature check", required=True)}),
 }, words={"none": "no authentication (must be written to be allowed)"},
     desc="token, hmac or the word none")
@@ -260,7 +270,7 @@ HOOK = Obj({
                    "actions' results", default="async"),
     "rate_limit": Key(Obj({
         "requests": Key(_s(INT, minimum=1), "requests allowed per period (burst)", default=30),
-        "per": Key(DURATION_NODE, "the period", default=60.0),
+        "per": Key(POSITIVE_DURATION, "the period", default=60.0),
     }), "token bucket per hook; excess gets 429"),
 }, "an inbound endpoint: POST /hooks/<name>")
 
@@ -274,7 +284,7 @@ WHEN = Union({
                      example="alarm/+/state"),
         "qos": Key(_s(INT, minimum=0, maximum=2), "subscription QoS (default mqtt.qos)"),
         "retained": Key(_s(BOOL), "also fire on retained messages", default=False),
-        "expect_every": Key(DURATION_NODE, "emit mqtt.silent once when nothing arrived for "
+        "expect_every": Key(POSITIVE_DURATION, "emit mqtt.silent once when nothing arrived for "
                             "this long"),
         "event": Key(_enum("message", "silent", "resumed"), "which MQTT event",
                      default="message"),
@@ -305,7 +315,8 @@ ACTION = Union({
         "for": Key(DURATION_NODE, "revert after this long", example="30s"),
     }),
     "publish": Obj({
-        "publish": Key(_s(TEMPLATE), "MQTT topic (template)", required=True,
+        "publish": Key(_s(TEMPLATE), "MQTT topic (template) to publish to: one topic, "
+                       "no + or # wildcards", required=True,
                        example="home/porch/light"),
         "payload": Key(_s(ANY), "payload: a mapping becomes JSON, strings are templates",
                        default="", example='"{{ event.body.state }}"'),

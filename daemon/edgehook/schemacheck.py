@@ -40,6 +40,8 @@ class SchemaChecker:
         self.marks[path] = loc.mark
         if loc.secret:
             self.secrets.add(path)
+        if loc.reported:  # reading it already said what is wrong
+            return None
         if loc.unresolved is not None:
             self.unresolved[path] = loc.unresolved
             return _stand_in(node)
@@ -95,6 +97,9 @@ class SchemaChecker:
             hint = suggest(str(out), [str(c) for c in node.choices])
             self.err(loc.mark, f"{where}: {out!r} is not one of "
                                f"{', '.join(map(str, node.choices))}{hint}")
+            return None
+        if node.positive and out <= 0:
+            self.err(loc.mark, f"{where}: must be more than 0, got {v}")
             return None
         if node.minimum is not None and out < node.minimum:
             self.err(loc.mark, f"{where}: {out} is below the minimum {node.minimum:g}")

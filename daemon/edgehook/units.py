@@ -53,6 +53,8 @@ def parse_size(value: Any) -> int:
     if isinstance(value, bool):
         raise ValueError("expected a size like 64KiB")
     if isinstance(value, int):
+        if value < 0:
+            raise ValueError("a size cannot be negative")
         return value
     m = _SIZE.match(str(value))
     if not m:

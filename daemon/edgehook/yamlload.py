@@ -25,6 +25,8 @@ MAX_FILE_BYTES = 1024 * 1024
 MAX_NODES = 100_000  # nodes visited while walking, aliases counted each time they expand
 MAX_DEPTH = 50  # nested mappings/lists; real configs use fewer than 10
 PERMISSION_HINT = "run as root or a member of the edgehook group (sudo edgehook ...)"
+# The only custom tags, and the form each takes.
+_TAG_FORMS = {"!env": "!env NAME or !env NAME DEFAULT", "!file": "!file PATH"}
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$([A-Za-z_][A-Za-z0-9_]*)")
 
 
@@ -49,6 +51,7 @@ class Located:
     secret: bool = False  # came from !env or !file: mask it when printed
     keys: dict[str, Mark] | None = None  # for mappings: where each key was written
     unresolved: str | None = None  # lenient reads: the tag that could not be resolved
+    reported: bool = False  # its problem is already listed: later passes stay quiet
 
 
 class YamlProblems(Exception):
@@ -96,17 +99,13 @@ class _Walker:
             return self._mapping(node, mark, depth)
         if isinstance(node, yaml.SequenceNode):
             if node.tag != "tag:yaml.org,2002:seq":
-                self.error(node, f"unsupported tag {node.tag!r} (only !env and !file are "
-                                 "allowed)")
-                return Located(None, mark)
+                return self._bad_tag(node, mark, "a list")
             return Located([self.walk(item, depth + 1) for item in node.value], mark)
         return self._scalar_node(node, mark)
 
     def _mapping(self, node: yaml.MappingNode, mark: Mark, depth: int) -> Located:
         if node.tag != "tag:yaml.org,2002:map":
-            self.error(node, f"unsupported tag {node.tag!r} (only !env and !file are "
-                             "allowed)")
-            return Located(None, mark)
+            return self._bad_tag(node, mark, "a mapping")
         out: dict[str, Located] = {}
         keys: dict[str, Located] = {}
         for key_node, value_node in node.value:
@@ -114,6 +113,8 @@ class _Walker:
                 self.error(key_node, "merge keys (<<) are not supported; repeat the keys")
                 continue
             key = self.walk(key_node, depth + 1)
+            if key.reported:
+                continue
             if isinstance(key.value, (dict, list)) or key.value is None:
                 self.error(key_node, "a mapping key must be a plain value")
                 continue
@@ -139,26 +140,41 @@ class _Walker:
         ):
             if tag == "tag:yaml.org,2002:timestamp":  # a bare date: keep the text
                 return Located(node.value, mark)
-            self.error(node, f"unsupported tag {tag!r} (only !env and !file are allowed)")
-            return Located(None, mark)
+            return self._bad_tag(node, mark, "")
         return Located(constructor(self._scalar, node), mark)
+
+    def _bad_tag(self, node: yaml.Node, mark: Mark, shape: str) -> Located:
+        """A tag we do not take, or !env/!file on a list or mapping: one problem."""
+        if node.tag in _TAG_FORMS:
+            self.error(node, f"{node.tag} takes one line of text, not {shape}: "
+                             f"{_TAG_FORMS[node.tag]}")
+        else:
+            self.error(node, f"unsupported tag {node.tag!r} (only !env NAME [DEFAULT] and "
+                             "!file PATH are allowed)")
+        return Located(None, mark, reported=True)
 
     def _env(self, node: yaml.ScalarNode, mark: Mark) -> Located:
         parts = str(node.value).split(None, 1)
         if not parts:
-            self.error(node, "!env needs a variable name: !env NAME [DEFAULT]")
-            return Located(None, mark)
+            self.error(node, f"!env needs a variable name: {_TAG_FORMS['!env']}")
+            return Located(None, mark, reported=True)
         name = parts[0]
         if name in self.environ:
             return Located(self.environ[name], mark, secret=True)
         if len(parts) == 2:
-            return Located(parts[1], mark, secret=True)
+            default = parts[1]
+            if len(default) >= 2 and default[0] == default[-1] and default[0] in "\"'":
+                default = default[1:-1]  # `!env NAME ""` is the empty string, not two quotes
+            return Located(default, mark, secret=True)
         return self.unresolvable(node, mark, f"environment variable {name} is not set (write "
                                              f"!env {name} DEFAULT to give a default)",
                                  f"!env {name} (not set here)")
 
     def _file(self, node: yaml.ScalarNode, mark: Mark) -> Located:
         raw = str(node.value).strip()
+        if not raw:
+            self.error(node, f"!file needs a path: {_TAG_FORMS['!file']}")
+            return Located(None, mark, reported=True)
         missing: list[str] = []
 
         def sub(m: re.Match[str]) -> str:
@@ -179,7 +195,7 @@ class _Walker:
         try:
             if path.stat().st_size > MAX_FILE_BYTES:
                 self.error(node, f"!file {path}: larger than {MAX_FILE_BYTES} bytes")
-                return Located(None, mark)
+                return Located(None, mark, reported=True)
             return Located(path.read_text(encoding="utf-8").strip(), mark, secret=True)
         except (OSError, UnicodeDecodeError) as exc:
             reason = getattr(exc, "strerror", None) or str(exc)
