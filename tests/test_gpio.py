@@ -435,3 +435,20 @@ def test_auto_backend_without_gpio_says_so_in_one_line(monkeypatch) -> None:  # 
     assert "no GPIO found" in msg and "--simulate" in msg and "backend: mock" in msg
     assert "\n" not in msg
     assert isinstance(info.value, RuntimeError)
+
+
+def test_a_config_without_pins_needs_no_gpio(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """MQTT -> webhook or hooks only: no pin factory is loaded, and none is pretended."""
+    def no_gpio(backend: str) -> Any:
+        raise NoGpioError("no GPIO found on this machine")
+
+    monkeypatch.setattr("edgehook.gpio.make_pin_factory", no_gpio)
+    gpio = Gpio(GpioConfig(backend="auto"), lambda e: None, FakeTimers())
+    gpio.start()
+    assert gpio.factory is None and gpio.backend == "none"
+    assert gpio.input_states() == {} and gpio.output_states() == {}
+    gpio.close()
+    # with a pin, backend auto still needs GPIO and says so
+    with pytest.raises(NoGpioError):
+        Gpio(GpioConfig(backend="auto", outputs={"o": out("o", "GPIO27")}), lambda e: None,
+             FakeTimers())

@@ -258,8 +258,10 @@ class Daemon:
         if new.gpio != old.gpio:
             _LOG.info("GPIO configuration changed: reopening pins")
             was_on = {n: v["state"] == "on" for n, v in self.gpio.output_states().items()}
-            self.gpio.close(apply_on_stop=False)
+            # built before the old pins close: pins added to a config that had none need
+            # a pin factory, and on a machine without GPIO that fails here, changing nothing
             gpio = Gpio(new.gpio, self.bus.put, self.scheduler, pin_factory=self.gpio.factory)
+            self.gpio.close(apply_on_stop=False)
             gpio.start()
             self.gpio = gpio
             # an output whose own config did not change keeps its state (its max_on is

@@ -83,13 +83,17 @@ class Gpio:
                  pin_factory: Any = None, clock: Callable[[], float] = time.monotonic,
                  wall: Callable[[], float] = time.time) -> None:
         self.cfg = cfg
-        self.backend = cfg.backend
         self._put = put
         self._timers = timers
         self._clock = clock
         self._wall = wall
         self._lock = threading.RLock()
-        self.factory = pin_factory if pin_factory is not None else make_pin_factory(cfg.backend)
+        # A config without pins (MQTT -> webhook, hooks only) needs no GPIO hardware:
+        # no pin factory is loaded, and the state says backend "none".
+        if pin_factory is None and (cfg.inputs or cfg.outputs):
+            pin_factory = make_pin_factory(cfg.backend)
+        self.factory = pin_factory
+        self.backend = cfg.backend if pin_factory is not None else "none"
         self.inputs: dict[str, tuple[Any, InputLogic]] = {}
         self.outputs: dict[str, _Out] = {}
         self._sim_free: dict[str, float] = {}  # input -> clock time its simulation is done
