@@ -11,11 +11,13 @@ from hypothesis import strategies as st
 
 from edgehook.config import HookAuth, HookConfig, Signing
 from edgehook.hooks import (
+    FirstAnswer,
     HookError,
     HookGuards,
     ReplayCache,
     TokenBucket,
     check_auth,
+    check_encoding,
     client_allowed,
     forwarded_client,
     parse_body,
@@ -95,9 +97,9 @@ def _std(body: bytes, ts: float, msg_id: str = "msg_1", secret: str | None = Non
 
 
 def _auth_case(auth: HookAuth, headers: dict[str, str], body: bytes = b"{}",
-               now: float | None = None, cache: ReplayCache | None = None) -> int | str | None:
+               now: float | None = None) -> int | str | None:
     try:
-        return check_auth(auth, headers, body, now or time.time(), cache or ReplayCache())
+        return check_auth(auth, headers, body, now or time.time())
     except HookError as exc:
         assert exc.detail == "missing or invalid credentials"  # never says which part
         return exc.status
@@ -143,21 +145,28 @@ def test_replay_cache() -> None:
     assert not cache.seen("a", 0)
     assert cache.add("a", 0)
     assert not cache.add("a", 5)           # a concurrent replay loses
+    assert cache.first("a", 5) == FirstAnswer(None, None)  # still being handled
+    cache.settle("a", 202, "E1")
+    assert cache.first("a", 9.9) == FirstAnswer(202, "E1")
     assert cache.seen("a", 9.9)
     assert not cache.seen("a", 10.1)       # forgotten after the ttl
+    assert cache.add("b", 11)
+    cache.forget("b")                      # not taken after all: free again
+    assert cache.first("b", 11) is None and cache.add("b", 11)
     for i in range(5):
         cache.add(f"id{i}", 20)
     assert len(cache) == 3                 # bounded
 
 
-def test_replayed_signature_rejected_after_acceptance() -> None:
-    cache = ReplayCache()
+def test_replayed_signature_still_authenticates() -> None:
+    """check_auth judges the signature and timestamp only; a repeat of an accepted id is
+    the handler's business (answered as a duplicate), not an auth failure."""
     auth = HookAuth("hmac", signing=STD)
     headers = _std(b"{}", NOW)
-    msg_id = _auth_case(auth, headers, b"{}", NOW, cache)
-    assert msg_id == "msg_1"
-    assert cache.add("msg_1", NOW)         # the handler remembers it once accepted
-    assert _auth_case(auth, headers, b"{}", NOW + 1, cache) == 401
+    assert _auth_case(auth, headers, b"{}", NOW) == "msg_1"
+    assert _auth_case(auth, headers, b"{}", NOW + 1) == "msg_1"
+    assert _auth_case(auth, headers, b"{}", NOW + 301) == 401   # too old now
+    assert _auth_case(auth, headers, b"{ }", NOW + 1) == 401    # body changed
 
 
 def test_token_bucket() -> None:
@@ -193,6 +202,10 @@ def test_guards_keep_bucket_until_rate_changes() -> None:
     ("text/plain; charset=bogus", b"hi", "hi"),
     (None, b"", {}),
     ("application/octet-stream", b"", {}),
+    ("text/plain", b"", {}),
+    ("application/x-www-form-urlencoded", b"", {}),
+    ("application/json", b"", 400),         # an empty body is not JSON
+    ("application/vnd.github+json", b"", 400),
     ("application/json", b"{bad", 400),
     ("application/json", b"NaN", 400),
     ("application/json", b"[" * 5000, 400),
@@ -224,6 +237,28 @@ def test_parse_body_only_raises_hook_errors(ctype: str | None, body: bytes) -> N
         parse_body(ctype, body)
     except HookError as exc:
         assert exc.status in (400, 415)
+
+
+@pytest.mark.parametrize("values, ok", [
+    ([], True),
+    (["identity"], True),
+    (["Identity"], True),
+    (["gzip"], False),
+    (["identity, gzip"], False),
+    (["identity", "br"], False),
+])
+def test_check_encoding(values: list[str], ok: bool) -> None:
+    import email.message
+
+    headers = email.message.Message()
+    for v in values:
+        headers["Content-Encoding"] = v
+    if ok:
+        check_encoding(headers)
+    else:
+        with pytest.raises(HookError) as exc:
+            check_encoding(headers)
+        assert exc.value.status == 415 and exc.value.headers == {"Accept-Encoding": "identity"}
 
 
 def test_safe_headers_drop_credentials() -> None:

@@ -14,6 +14,13 @@ A hook is acknowledged only once it is durable: whatever `respond:` says, the an
 waits (at most `SYNC_WAIT`) until the event's webhooks are committed to the outbox.
 202 means stored; 503 means not taken, retry (busy: not stored in time; storage
 unavailable: the outbox could not store it; overloaded: the event queue was full).
+
+Standard Webhooks senders retry a delivery whose answer they did not get, with the
+same `webhook-id`. Such a repeat (validly signed, timestamp within tolerance) is not a
+second event: it gets the first answer's status and event id with `"duplicate": true`,
+and nothing is stored or run again. While the first is still being handled, the repeat
+gets 503 busy (retry); when the first was not taken (503), its id is forgotten, so the
+repeat is handled as new.
 """
 
 from __future__ import annotations
@@ -30,10 +37,12 @@ from .config import HookConfig, parse_duration
 from .errors import CommandError
 from .events import make_event
 from .hooks import (
+    FirstAnswer,
     HookError,
     HookGuards,
     HookRequest,
     check_auth,
+    check_encoding,
     client_allowed,
     event_data,
     forwarded_client,
@@ -186,13 +195,17 @@ class Api:
                 raise HookError(403, "forbidden", "this address may not call this hook")
             body = req.load_body()
             now = time.time()
-            msg_id = check_auth(hook.auth, req.headers, body, now, self.guards.replay)
+            msg_id = check_auth(hook.auth, req.headers, body, now)
+            first = self.guards.replay.first(msg_id, now) if msg_id is not None else None
+            if first is not None:
+                return self._duplicate(name, first)
             self.guards.rate_check(hook)
+            check_encoding(req.headers)
             ctype = req.headers.get("Content-Type")
             parsed = parse_body(ctype, body)
             query = parse_query(req.raw_query)
             if msg_id is not None and not self.guards.replay.add(msg_id, now):
-                raise HookError(401, "unauthorized", "missing or invalid credentials")
+                return self._duplicate(name, self.guards.replay.first(msg_id, now))
         except HookError as exc:
             self._throttle.log(f"{name}:{exc.status}", "hook %s: %d %s from %s", name,
                                exc.status, exc.error, req.client)
@@ -200,12 +213,38 @@ class Api:
         data = event_data(HookRequest(client=req.client, content_type=ctype, query=query,
                                       headers=safe_headers(req.headers.items()), body=parsed))
         event = make_event("hook.received", name, data)
+        resp = None
+        try:
+            resp = self._run_hook(hook, name, event, req.client)
+        finally:
+            if msg_id is not None:
+                if resp is not None and resp.status < 500:
+                    self.guards.replay.settle(msg_id, resp.status, event.id)
+                else:  # not taken: the sender's retry must be handled as new
+                    self.guards.replay.forget(msg_id)
+        return resp
+
+    def _duplicate(self, name: str, first: FirstAnswer | None) -> Response:
+        """The answer to a repeated webhook-id: the first answer again, nothing stored."""
+        if first is None or first.status is None:
+            return _unavailable("busy", "the first request with this webhook-id is still "
+                                "being handled; retry", None, 1)
+        _LOG.info("hook %s: duplicate webhook-id of event %s: not stored again", name,
+                  first.event_id)
+        body: dict[str, Any] = {"event_id": first.event_id, "duplicate": True}
+        if first.status >= 400:
+            body = {"error": "action_failed", "detail": "a duplicate of a request whose "
+                    "actions failed; not run again", **body}
+        return Response(first.status, body)
+
+    def _run_hook(self, hook: HookConfig, name: str, event: Any, client: str) -> Response:
+        """Submit the hook's event and answer as `respond:` says, once it is durable."""
         reply = self.backend.submit(event, wait=SYNC_WAIT)
         refused = self._not_taken(name, event.id, reply)
         if refused is not None:
             return refused
         if hook.respond != "sync":
-            _LOG.info("hook %s: event %s stored (from %s)", name, event.id, req.client)
+            _LOG.info("hook %s: event %s stored (from %s)", name, event.id, client)
             return Response(202, {"event_id": event.id})
         body_out = {"event_id": event.id, "rules": list(reply.fired),
                     "results": list(reply.results), "errors": list(reply.errors)}
@@ -372,9 +411,12 @@ class Api:
         return _html(status_page(state, events, dead, nonce, logout, pending), nonce)
 
 
-def _unavailable(error: str, detail: str, event_id: str, retry_after: int) -> Response:
-    return Response(503, {"error": error, "detail": detail, "event_id": event_id},
-                    headers={"Retry-After": str(retry_after)})
+def _unavailable(error: str, detail: str, event_id: str | None, retry_after: int
+                 ) -> Response:
+    body = {"error": error, "detail": detail}
+    if event_id is not None:
+        body["event_id"] = event_id
+    return Response(503, body, headers={"Retry-After": str(retry_after)})
 
 
 def _html(text: str, nonce: str | None = None) -> Response:

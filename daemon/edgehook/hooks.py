@@ -4,12 +4,16 @@ No sockets here: `api` reads the request and asks these functions, in this order
 (cheapest and least revealing first; an unauthenticated caller learns nothing but 401):
 
     404 unknown hook -> 405 method -> 403 allow_from -> 413 size (before the body is read)
-    -> 401 auth (token, or HMAC + timestamp + replay) -> 429 rate -> 415 type -> 400 body
+    -> 401 auth (token, or HMAC + timestamp) -> duplicate webhook-id -> 429 rate
+    -> 415 encoding or type -> 400 body
 
 The rate limit counts only authenticated requests, so a stranger flooding a hook with
 bad signatures cannot lock its real caller out. A Standard Webhooks `webhook-id` is
-remembered only once its request is accepted (a 429 or 400 answer leaves the id free,
-so the sender's retry of the same delivery still gets through).
+remembered only once its event is stored (a 429, 400 or 503 answer leaves the id free,
+so the sender's retry of the same delivery still gets through), together with that
+answer's status and event id. A validly signed request that repeats a remembered id is
+a sender re-sending a delivery whose 2xx it lost: it is answered as the first one was,
+marked `"duplicate": true`, and no second event is made (see `api.Api.hook`).
 """
 
 from __future__ import annotations
@@ -140,27 +144,57 @@ def _forwarded_address(entry: str) -> str | None:
 
 
 # ---------------------------------------------------------------------- replay cache
+@dataclass(frozen=True, slots=True)
+class FirstAnswer:
+    """How the first request with a webhook-id was answered (None: still being handled)."""
+
+    status: int | None
+    event_id: str | None
+
+
 class ReplayCache:
-    """Standard Webhooks ids seen in the last `ttl` seconds; thread-safe, bounded."""
+    """Standard Webhooks ids accepted in the last `ttl` seconds; thread-safe, bounded.
+
+    Each id keeps the status and event id it was answered with (:meth:`settle`), so a
+    repeat of it can be answered the same way.
+    """
 
     def __init__(self, ttl: float = REPLAY_TTL, max_size: int = REPLAY_MAX) -> None:
         self.ttl = ttl
         self.max_size = max_size
-        self._seen: OrderedDict[str, float] = OrderedDict()  # id -> expiry, in insertion order
+        # id -> (expiry, first answer), in insertion order
+        self._seen: OrderedDict[str, tuple[float, FirstAnswer]] = OrderedDict()
         self._lock = threading.Lock()
 
     def _prune(self, now: float) -> None:
         while self._seen:
-            oldest, expiry = next(iter(self._seen.items()))
+            oldest, (expiry, _) = next(iter(self._seen.items()))
             if expiry > now:
                 break
             del self._seen[oldest]
 
     def seen(self, msg_id: str, now: float) -> bool:
         """True when the id was accepted within the ttl (a replay)."""
+        return self.first(msg_id, now) is not None
+
+    def first(self, msg_id: str, now: float) -> FirstAnswer | None:
+        """How the id was first answered, when it was accepted within the ttl; else None."""
         with self._lock:
             self._prune(now)
-            return msg_id in self._seen
+            entry = self._seen.get(msg_id)
+            return entry[1] if entry is not None else None
+
+    def settle(self, msg_id: str, status: int, event_id: str) -> None:
+        """Record the answer given to the request that added the id."""
+        with self._lock:
+            entry = self._seen.get(msg_id)
+            if entry is not None:
+                self._seen[msg_id] = (entry[0], FirstAnswer(status, event_id))
+
+    def forget(self, msg_id: str) -> None:
+        """Drop an id whose request was not taken after all (its retry must get through)."""
+        with self._lock:
+            self._seen.pop(msg_id, None)
 
     def add(self, msg_id: str, now: float) -> bool:
         """Remember an accepted id; False when it was already there (a concurrent replay).
@@ -174,7 +208,7 @@ class ReplayCache:
                 return False
             if len(self._seen) >= self.max_size:
                 self._seen.popitem(last=False)
-            self._seen[msg_id] = now + self.ttl
+            self._seen[msg_id] = (now + self.ttl, FirstAnswer(None, None))
             return True
 
     def __len__(self) -> int:
@@ -257,10 +291,10 @@ def token_matches(given: str, expected: str) -> bool:
 _UNAUTHORIZED = "missing or invalid credentials"
 
 
-def check_auth(auth: HookAuth, headers: Mapping[str, str] | Any, body: bytes, now: float,
-               replay: ReplayCache) -> str | None:
-    """Raise 401 unless the request proves itself; return a Standard Webhooks id to
-    remember once the request is accepted (else None).
+def check_auth(auth: HookAuth, headers: Mapping[str, str] | Any, body: bytes, now: float
+               ) -> str | None:
+    """Raise 401 unless the request proves itself; return its Standard Webhooks id (else
+    None), which the caller checks against the replay cache and remembers once accepted.
 
     The detail is the same for every failure: which part of a signature was wrong
     (timestamp, id, MAC) is logged by nobody and told to no one.
@@ -283,7 +317,7 @@ def check_auth(auth: HookAuth, headers: Mapping[str, str] | Any, body: bytes, no
             ok = _safe(verify_standard, signing.secrets, msg_id,
                        headers.get("webhook-timestamp"), headers.get("webhook-signature"),
                        body, time.time() if now is None else now)
-            if ok and msg_id and not replay.seen(msg_id, now):
+            if ok and msg_id:
                 return msg_id
     raise HookError(401, "unauthorized", _UNAUTHORIZED)
 
@@ -364,18 +398,37 @@ def parse_query(query: str) -> dict[str, Any]:
             from None
 
 
+def check_encoding(headers: Any) -> None:
+    """Raise 415 (with `Accept-Encoding: identity`) for a Content-Encoding other than
+    identity: a gzipped body must not be read as if it were plain."""
+    codings = [c.strip().lower() for value in headers.get_all("Content-Encoding", [])
+               for c in value.split(",") if c.strip()]
+    bad = [c for c in codings if c != "identity"]
+    if bad:
+        raise HookError(415, "unsupported_media_type",
+                        f"Content-Encoding {bad[0][:40]} is not accepted; send the body "
+                        "uncompressed", {"Accept-Encoding": "identity"})
+
+
 def parse_body(content_type: str | None, body: bytes) -> Any:
     """The event's `body`: parsed JSON, form fields (dict) or text; 415 for other types.
 
-    An empty body is `{}` whatever its type (Home Assistant's rest_command without a
-    payload sends none), so `event.body.x` in a template is simply undefined.
+    An empty body is `{}` (Home Assistant's rest_command without a payload sends none),
+    so `event.body.x` in a template is simply undefined, except under a JSON type: an
+    empty body is not JSON, so that is 400 like any other malformed JSON (a sender that
+    means "no data" sends `{}`, or no Content-Type; a rest_command with `content_type:
+    application/json` and no `payload` is such a sender).
     """
-    if not body:
-        return {}
     mtype, params = media_type(content_type)
+    is_json = mtype == "application/json" or (mtype.startswith("application/")
+                                              and mtype.endswith("+json"))
+    if not body:
+        if is_json:
+            raise HookError(400, "bad_request", "an empty body is not JSON: send {} or "
+                                                "no Content-Type")
+        return {}
     charset = params.get("charset", "utf-8")
-    if mtype == "application/json" or (mtype.startswith("application/")
-                                       and mtype.endswith("+json")):
+    if is_json:
         return parse_json(body)
     if mtype == "application/x-www-form-urlencoded":
         try:
@@ -393,9 +446,11 @@ def parse_body(content_type: str | None, body: bytes) -> Any:
             return body.decode(charset, "replace")
         except LookupError:
             return body.decode("utf-8", "replace")
+    hint = " (with curl: -d or --data-urlencode, not -F)" if mtype.startswith("multipart/") \
+        else ""
     raise HookError(415, "unsupported_media_type",
                     "send Content-Type application/json, application/x-www-form-urlencoded "
-                    "or text/plain" + (f", not {mtype}" if mtype else ""))
+                    "or text/plain" + (f", not {mtype[:80]}" if mtype else "") + hint)
 
 
 @lru_cache(maxsize=512)

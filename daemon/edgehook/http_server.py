@@ -7,12 +7,14 @@ handler's `setup`, `finish`, `parse_request`, `handle_expect_100`, `send_error`,
 `verify_request`, `process_request`, `finish_request`, `handle_error`) and hands
 each request to the routes (`api.Api.handle`). The limits:
 
-- **Time.** Every socket operation times out after `http.timeout` (default 5 s), and
-  a request as a whole must arrive within that time from the moment the server waits
-  for it: a client trickling one byte a second would otherwise reset a per-read timeout
-  for ever. One thread per listener keeps the deadlines (:class:`_Deadlines`) and, when
-  one passes, shuts the socket's reading side, so the blocked read returns and the
-  request is answered 408 and closed. An idle keep-alive connection is simply closed.
+- **Time.** A request as a whole must arrive within `http.timeout` (default 5 s) from
+  the moment the server waits for it: a client trickling one byte a second would
+  otherwise reset a per-read timeout for ever. :class:`~edgehook.deadlines.Deadlines`
+  shuts the socket's reading side when that time passes, so the blocked read returns.
+  A request that was started (any byte of it arrived) is then answered 408 with a JSON
+  error and closed; an idle connection (nothing asked) is closed without an answer.
+  The socket's own timeout is only a backstop, `SOCKET_SLACK` times longer, so it never
+  races the deadline (its expiry would end the connection without an answer).
 - **Size.** The request line may be 8 KiB (else 414), the head 64 lines and 32 KiB
   (else 431). http.client reads a head under its own, larger caps (64 KiB a line,
   100 lines); ours are checked once it is parsed, so a hostile head costs at most
@@ -26,6 +28,13 @@ each request to the routes (`api.Api.handle`). The limits:
   `verify_request`, before a thread exists); one more is answered 503 at once and
   closed, so a flood costs a refused connection, not a thread or memory.
 - **Methods** the API never uses get 501 (http.server finds no `do_` method).
+- **Host.** More than one `Host` header is 400 (RFC 9112 3.2). An absolute-form target
+  (`GET http://host/path`) names the host: it replaces the `Host` header before the
+  routes see the request (RFC 9112 3.2.2), so the loopback-Host guard judges that host.
+- **Expect.** `100-continue` is understood; any other expectation is 417.
+- **Header syntax.** A line that is no header, or a folded line, is 400. http.client's
+  parser also reports defects about a multipart *body* (it has none to look at); those
+  are not header errors and pass (a hook then answers 415 for the body type).
 
 Every error is JSON `{"error", "detail"}` with the right 4xx, http.server's own too
 (`send_error`); nothing a client sends gets a 500. An unexpected bug is a logged 500.
@@ -33,8 +42,7 @@ Every error is JSON `{"error", "detail"}` with the right 4xx, http.server's own 
 
 from __future__ import annotations
 
-import heapq
-import itertools
+import email.errors
 import logging
 import socket
 import sys
@@ -44,10 +52,11 @@ from collections.abc import Callable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlsplit
 
 from . import __version__
 from .api import Api
+from .deadlines import Deadlines
 from .routing import HttpError, Request, Response, error_response, request_kind
 
 _LOG = logging.getLogger(__name__)
@@ -56,6 +65,14 @@ MAX_REQUEST_LINE = 8192    # bytes; longer is 414
 MAX_HEADER_LINE = 8192     # bytes of one header (name, value); longer is 431
 MAX_HEADERS = 64           # headers; more is 431
 MAX_HEAD_BYTES = 32768     # all headers together; more is 431
+SOCKET_SLACK = 2.0         # the socket timeout is this many times http.timeout (a backstop)
+# the defects of http.client's parser that are about the head's syntax (the others are
+# about a multipart body, which a parsed head never has)
+_HEADER_DEFECTS = (email.errors.MissingHeaderBodySeparatorDefect,
+                   email.errors.FirstHeaderLineIsContinuationDefect,
+                   email.errors.MisplacedEnvelopeHeaderDefect, email.errors.HeaderDefect)
+# the detail of http.server's own refusals that come without a message
+_DEFAULT_DETAIL = {414: f"request line over {MAX_REQUEST_LINE} bytes"}
 # serve_forever sleeps in select() with no timeout: an idle daemon never wakes for
 # it; stop() wakes it with a connection to itself (see HttpServer.stop)
 POLL_INTERVAL = None
@@ -63,78 +80,6 @@ _BUSY_BODY = b'{"error":"busy","detail":"too many connections; retry shortly"}'
 _BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
          b"Retry-After: 1\r\nConnection: close\r\nContent-Length: "
          + str(len(_BUSY_BODY)).encode() + b"\r\n\r\n" + _BUSY_BODY)
-
-
-class _Deadlines:
-    """Shuts the reading side of a connection whose request is not in by its deadline.
-
-    A handler arms its connection while it reads and disarms it after; :meth:`disarm`
-    says whether the deadline cut the read short. One thread, asleep until the
-    earliest deadline; arming and disarming are a dict operation under a lock.
-    """
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._heap: list[tuple[float, int]] = []
-        self._armed: dict[int, tuple[float, socket.socket]] = {}
-        self._expired: set[int] = set()
-        self._keys = itertools.count()
-        self._stopped = False
-        self._thread = threading.Thread(target=self._run, name="edgehook-http-deadlines",
-                                        daemon=True)
-        self._thread.start()
-
-    def key(self) -> int:
-        """A key for one connection."""
-        return next(self._keys)
-
-    def arm(self, key: int, sock: socket.socket, deadline: float) -> None:
-        """Watch `sock` until :meth:`disarm`; at `deadline` its reading side is shut."""
-        with self._cond:
-            self._armed[key] = (deadline, sock)
-            first = not self._heap or deadline < self._heap[0][0]
-            heapq.heappush(self._heap, (deadline, key))
-            if first:
-                self._cond.notify()
-
-    def passed(self, key: int) -> bool:
-        """True when the deadline cut the read short (the connection stays watched)."""
-        with self._cond:
-            return key in self._expired
-
-    def disarm(self, key: int) -> bool:
-        """Stop watching; True when the deadline passed (the read was cut short)."""
-        with self._cond:
-            self._armed.pop(key, None)
-            if key in self._expired:
-                self._expired.discard(key)
-                return True
-            return False
-
-    def stop(self) -> None:
-        """End the thread (the listener is closing)."""
-        with self._cond:
-            self._stopped = True
-            self._cond.notify()
-        self._thread.join(timeout=2)
-
-    def _run(self) -> None:
-        with self._cond:
-            while not self._stopped:
-                now = time.monotonic()
-                while self._heap and self._heap[0][0] <= now:
-                    deadline, key = heapq.heappop(self._heap)
-                    armed = self._armed.get(key)
-                    if armed is None or armed[0] != deadline:
-                        continue  # disarmed, or armed again with another deadline
-                    del self._armed[key]
-                    self._expired.add(key)
-                    try:
-                        armed[1].shutdown(socket.SHUT_RD)
-                    except OSError:
-                        pass  # the peer is gone already: the read fails on its own
-                wait = self._heap[0][0] - now if self._heap else None
-                self._cond.wait(wait)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -148,7 +93,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     # ---------------------------------------------------------------- connection
     def setup(self) -> None:
-        self.timeout = self.server.request_timeout
+        self.timeout = self.server.request_timeout * SOCKET_SLACK  # the deadline ends reads
         self._key = self.server.deadlines.key()
         self._client = self.client_address[0]
         super().setup()
@@ -161,7 +106,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _await_request(self) -> None:
         """Arm the next request's deadline: all of it must be in within http.timeout."""
         self._kind = "other"
-        self._deadline = time.monotonic() + self.timeout
+        self._deadline = time.monotonic() + self.server.request_timeout
         self.server.deadlines.arm(self._key, self.connection, self._deadline)
 
     def parse_request(self) -> bool:
@@ -174,7 +119,10 @@ class _Handler(BaseHTTPRequestHandler):
         if len(self.raw_requestline) > MAX_REQUEST_LINE:
             self.send_error(414, f"request line over {MAX_REQUEST_LINE} bytes")
             return False
-        ok = super().parse_request()
+        try:
+            ok = super().parse_request()
+        except TimeoutError:  # the backstop: the deadline thread was later still
+            return self._timed_out()
         if deadlines.passed(self._key):
             return self._timed_out() if ok else False
         if not ok:
@@ -182,7 +130,8 @@ class _Handler(BaseHTTPRequestHandler):
         if len(self.requestline.split()) != 3:
             self.send_error(400, "HTTP/0.9 requests are not served")
             return False
-        if self.headers.defects or any("\n" in v for v in self.headers.values()):
+        if any(isinstance(d, _HEADER_DEFECTS) for d in self.headers.defects) or \
+                any("\n" in v for v in self.headers.values()):
             # http.client keeps going after a line that is no header (and the headers
             # after it silently become "body"), and joins folded lines: both are 400
             self.send_error(400, "malformed header line")
@@ -193,8 +142,39 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_error(431, f"at most {MAX_HEADERS} header lines, {MAX_HEADER_LINE} "
                                  f"bytes each, {MAX_HEAD_BYTES} bytes in all")
             return False
+        if not self._host_ok() or not self._expect_ok():
+            return False
         deadlines.disarm(self._key)  # the head is in; a body is read under its own arming
         return True
+
+    def _host_ok(self) -> bool:
+        """One Host at most; an absolute-form target's host replaces it. False once answered."""
+        if len(self.headers.get_all("Host", [])) > 1:
+            self.send_error(400, "more than one Host header")
+            return False
+        if self.path.startswith("/") or "://" not in self.path.partition("?")[0]:
+            return True
+        try:  # absolute-form: http://host:port/path?query
+            target = urlsplit(self.path)
+        except ValueError:
+            target = None
+        host = target.netloc.rpartition("@")[2] if target else ""
+        if not host:
+            self.send_error(400, "absolute-form target without a host")
+            return False
+        del self.headers["Host"]
+        self.headers["Host"] = host
+        self.path = (target.path or "/") + (f"?{target.query}" if target.query else "")
+        return True
+
+    def _expect_ok(self) -> bool:
+        """Only `Expect: 100-continue` is understood (else 417). False once answered."""
+        values = [v.strip().lower() for h in self.headers.get_all("Expect", [])
+                  for v in h.split(",") if v.strip()]
+        if all(v == "100-continue" for v in values):
+            return True
+        self.send_error(417, "only Expect: 100-continue is understood")
+        return False
 
     def _timed_out(self) -> bool:
         self.server.deadlines.disarm(self._key)
@@ -204,6 +184,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def handle_expect_100(self) -> bool:
         """Say 100 Continue only for a body that will be read (not too large, not chunked)."""
+        if not self._expect_ok():
+            return False  # another expectation beside 100-continue: 417, nothing read
         length = self.headers.get("Content-Length", "").strip()
         if "Transfer-Encoding" in self.headers or not length.isdigit() or \
                 int(length) > self.server.api.max_body:
@@ -218,10 +200,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _serve(self) -> None:
         """Build the Request, let the Api answer it, write the Response."""
-        target = self.path
-        if "://" in target.partition("?")[0]:  # absolute-form: http://host/path
-            target = "/" + target.split("://", 1)[1].partition("/")[2]
-        path, _, query = target.partition("#")[0].partition("?")
+        path, _, query = self.path.partition("#")[0].partition("?")  # origin-form now
         self._kind = request_kind(path)
         api = self.server.api
         req = Request(method=self.command, path=path, query={}, headers=self.headers,
@@ -313,7 +292,13 @@ class _Handler(BaseHTTPRequestHandler):
             error = "error"
         self.server.api.stats.count(self._kind, code)
         _LOG.debug("http %s refused: %d %s", self.client_address[0], code, message)
-        self._send(Response(code, {"error": error, "detail": message or explain or ""}))
+        detail = message or explain or _DEFAULT_DETAIL.get(code)
+        if not detail:
+            try:
+                detail = HTTPStatus(code).description
+            except ValueError:
+                detail = error
+        self._send(Response(code, {"error": error, "detail": detail}))
 
     def version_string(self) -> str:
         """The Server header: edgehook/<version>, nothing about Python."""
@@ -339,7 +324,7 @@ class _Server(ThreadingHTTPServer):
         self.api = api
         self.request_timeout = timeout
         self.slots = threading.BoundedSemaphore(max_connections)
-        self.deadlines = _Deadlines()
+        self.deadlines = Deadlines()
         try:
             super().__init__(addr, _Handler)
         except BaseException:
