@@ -413,22 +413,17 @@ def check_encoding(headers: Any) -> None:
 def parse_body(content_type: str | None, body: bytes) -> Any:
     """The event's `body`: parsed JSON, form fields (dict) or text; 415 for other types.
 
-    An empty body is `{}` (Home Assistant's rest_command without a payload sends none),
-    so `event.body.x` in a template is simply undefined, except under a JSON type: an
-    empty body is not JSON, so that is 400 like any other malformed JSON (a sender that
-    means "no data" sends `{}`, or no Content-Type; a rest_command with `content_type:
-    application/json` and no `payload` is such a sender).
+    An empty body is `{}` whatever its Content-Type, JSON included, so `event.body.x`
+    in a template is simply undefined: no body is no data, not malformed JSON. Home
+    Assistant's rest_command with `content_type: application/json` and no `payload`
+    sends exactly that, and the porch-light guide relies on it ("no body toggles").
     """
-    mtype, params = media_type(content_type)
-    is_json = mtype == "application/json" or (mtype.startswith("application/")
-                                              and mtype.endswith("+json"))
     if not body:
-        if is_json:
-            raise HookError(400, "bad_request", "an empty body is not JSON: send {} or "
-                                                "no Content-Type")
         return {}
+    mtype, params = media_type(content_type)
     charset = params.get("charset", "utf-8")
-    if is_json:
+    if mtype == "application/json" or (mtype.startswith("application/")
+                                       and mtype.endswith("+json")):
         return parse_json(body)
     if mtype == "application/x-www-form-urlencoded":
         try:
