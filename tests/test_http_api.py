@@ -257,17 +257,17 @@ def test_standard_webhooks_replay_and_staleness(daemon: Daemon) -> None:
     assert _std_post(daemon, body, now - 6 * 60, "msg_replay").status_code == 401
 
 
-def test_standard_webhooks_resend_of_a_stored_id_is_a_duplicate_success(daemon: Daemon
-                                                                       ) -> None:
-    """A sender that lost the 2xx re-sends the same webhook-id: it gets the first answer
-    again (202, same event id, "duplicate": true) and no second event is stored."""
+def test_standard_webhooks_resend_of_a_stored_id_is_rejected_naming_its_event(
+        daemon: Daemon) -> None:
+    """A sender that lost the 2xx re-sends the same webhook-id: SPEC says a seen id is
+    rejected; the 409 names the event the first one made, and nothing is stored again."""
     body = b'{"n":2}'
     first = _std_post(daemon, body, time.time(), "msg_resent")
     assert first.status_code == 202, first.text
     event_id = first.json()["event_id"]
     again = _std_post(daemon, body, time.time(), "msg_resent")  # re-signed, same id
-    assert again.status_code == 202, again.text
-    assert again.json() == {"event_id": event_id, "duplicate": True}
+    assert again.status_code == 409, again.text
+    assert again.json()["error"] == "duplicate" and again.json()["event_id"] == event_id
     time.sleep(0.3)
     assert _hook_events(daemon, "std").count(event_id) == 1
     assert len([e for e in _hook_events(daemon, "std") if e > event_id]) == 0
@@ -287,8 +287,8 @@ def test_standard_webhook_refused_by_rate_limit_keeps_its_id(tmp_path: Path) -> 
     assert api.handle(second()).status == 429
     clock[0] += 61
     assert api.handle(second()).status == 202
-    again = api.handle(second())  # and now it is a duplicate: answered, not stored again
-    assert again.status == 202 and again.body["duplicate"] is True
+    again = api.handle(second())  # and now it is a duplicate: rejected, not stored again
+    assert again.status == 409 and again.body["error"] == "duplicate"
     assert len(api.backend.events) == 2
 
 
@@ -922,9 +922,10 @@ def test_reload_keeps_replay_cache_and_stats() -> None:
         assert requests.post(url, data=b"{}", headers=headers, timeout=5).status_code == 202
         srv.set_api(Api(_Stub(), hooks=hooks))
         again = requests.post(url, data=b"{}", headers=headers, timeout=5)
-        assert again.status_code == 202 and again.json()["duplicate"] is True
+        assert again.status_code == 409 and again.json()["error"] == "duplicate"
         assert srv.api.backend.events == []  # the new snapshot knew the id: nothing stored
-        assert srv.api.stats.hooks[("h", "202")] == 2
+        assert srv.api.stats.hooks[("h", "202")] == 1
+        assert srv.api.stats.hooks[("h", "409")] == 1
     finally:
         srv.stop()
 
@@ -1196,7 +1197,7 @@ def test_hook_not_stored_is_503_storage_unavailable_and_outputs_still_switch(
 
 def test_standard_webhooks_id_of_a_request_not_stored_stays_free(
         store_daemon: tuple[Daemon, Any, Path], monkeypatch: pytest.MonkeyPatch) -> None:
-    """A 503 (not stored) must not turn the sender's retry into a "duplicate" success:
+    """A 503 (not stored) must not turn the sender's retry into a "duplicate":
     the retry is stored as the first event of that webhook-id."""
     import edgehook.outbox
 
@@ -1211,11 +1212,11 @@ def test_standard_webhooks_id_of_a_request_not_stored_stays_free(
     assert post().status_code == 503
     monkeypatch.undo()
     retry = post()
-    assert retry.status_code == 202 and "duplicate" not in retry.json(), retry.text
+    assert retry.status_code == 202, retry.text
     assert [r["target"] for r in _outbox_rows(d) if r["event_id"] == retry.json()["event_id"]
             ] == ["sink"]
     again = post()
-    assert again.json() == {"event_id": retry.json()["event_id"], "duplicate": True}
+    assert again.status_code == 409 and again.json()["event_id"] == retry.json()["event_id"]
 
 
 def test_hook_not_stored_in_time_is_503_busy(store_daemon: tuple[Daemon, Any, Path],

@@ -15,12 +15,12 @@ waits (at most `SYNC_WAIT`) until the event's webhooks are committed to the outb
 202 means stored; 503 means not taken, retry (busy: not stored in time; storage
 unavailable: the outbox could not store it; overloaded: the event queue was full).
 
-Standard Webhooks senders retry a delivery whose answer they did not get, with the
-same `webhook-id`. Such a repeat (validly signed, timestamp within tolerance) is not a
-second event: it gets the first answer's status and event id with `"duplicate": true`,
-and nothing is stored or run again. While the first is still being handled, the repeat
-gets 503 busy (retry); when the first was not taken (503), its id is forgotten, so the
-repeat is handled as new.
+A Standard Webhooks `webhook-id` already taken is rejected (SPEC): a validly signed
+repeat gets 409 `duplicate`, naming the event the first one made, and nothing is
+stored or run again. Not 401: the credentials are fine, and a sender that lost the
+first 2xx can tell from the answer that its delivery did arrive. While the first is
+still being handled, the repeat gets 503 busy (retry); when the first was not taken
+(503), its id is forgotten, so the repeat is handled as new.
 """
 
 from __future__ import annotations
@@ -225,17 +225,16 @@ class Api:
         return resp
 
     def _duplicate(self, name: str, first: FirstAnswer | None) -> Response:
-        """The answer to a repeated webhook-id: the first answer again, nothing stored."""
+        """The answer to a repeated webhook-id: 409, naming the first one's event."""
         if first is None or first.status is None:
             return _unavailable("busy", "the first request with this webhook-id is still "
                                 "being handled; retry", None, 1)
         _LOG.info("hook %s: duplicate webhook-id of event %s: not stored again", name,
                   first.event_id)
-        body: dict[str, Any] = {"event_id": first.event_id, "duplicate": True}
-        if first.status >= 400:
-            body = {"error": "action_failed", "detail": "a duplicate of a request whose "
-                    "actions failed; not run again", **body}
-        return Response(first.status, body)
+        return Response(409, {"error": "duplicate", "event_id": first.event_id,
+                              "detail": f"this webhook-id was already received (event "
+                                        f"{first.event_id}, answered {first.status}); "
+                                        "not stored again"})
 
     def _run_hook(self, hook: HookConfig, name: str, event: Any, client: str) -> Response:
         """Submit the hook's event and answer as `respond:` says, once it is durable."""

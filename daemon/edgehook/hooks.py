@@ -12,8 +12,8 @@ bad signatures cannot lock its real caller out. A Standard Webhooks `webhook-id`
 remembered only once its event is stored (a 429, 400 or 503 answer leaves the id free,
 so the sender's retry of the same delivery still gets through), together with that
 answer's status and event id. A validly signed request that repeats a remembered id is
-a sender re-sending a delivery whose 2xx it lost: it is answered as the first one was,
-marked `"duplicate": true`, and no second event is made (see `api.Api.hook`).
+rejected with 409 `duplicate` naming the first one's event, and no second event is made
+(see `api.Api.hook`).
 """
 
 from __future__ import annotations
