@@ -6,7 +6,6 @@ handlers only set flags; the main thread does the work (reload, stop).
 
 from __future__ import annotations
 
-import errno
 import faulthandler
 import logging
 import os
@@ -20,10 +19,10 @@ from typing import Any
 
 from . import __version__
 from .api import Api
-from .config import Config, load_config
+from .config import Config, load_config, setting_error
 from .delivery import Sender
 from .dispatcher import Actions, Bus, Dispatcher, Reply
-from .errors import ConfigError, EdgehookError
+from .errors import ConfigError
 from .events import Event, make_event, rfc3339
 from .gpio import Gpio
 from .health import Snapshot, status_line, verdict
@@ -42,26 +41,6 @@ STATUS_EVERY = 2.0          # at most one STATUS= update per this many seconds
 _MQTT_EVENT_TYPES = {"pressed": "press", "released": "release", "held": "hold",
                      "click": "click", "double_click": "double_click",
                      "long_press": "long_press"}
-
-
-_BIND_ERRORS = {
-    errno.EADDRINUSE: "the address is already in use (another program, or another "
-                      "edgehook, listens there)",
-    errno.EADDRNOTAVAIL: "no interface of this machine has that address",
-    errno.EACCES: "permission denied (a port below 1024 needs CAP_NET_BIND_SERVICE)",
-}
-
-
-def _setting_error(cfg: Config, key: tuple[str, ...], value: str,
-                   exc: OSError) -> EdgehookError:
-    """A start-up OSError as the setting at fault: `state_dir X (FILE:L:C): why`."""
-    if key == ("state_dir",):
-        path = Path(value)
-        why = ("it is not a directory" if path.exists() and not path.is_dir() else
-               f"cannot {'use' if path.is_dir() else 'create'} it: {exc.strerror or exc}")
-    else:
-        why = _BIND_ERRORS.get(exc.errno or 0) or exc.strerror or str(exc)
-    return EdgehookError(f"{'.'.join(key)} {value} ({cfg.where(*key)}): {why}")
 
 
 class Daemon:
@@ -83,7 +62,7 @@ class Daemon:
         try:
             self.outbox = Outbox(Path(cfg.state_dir) / "outbox.db")
         except OSError as exc:  # the directory: not creatable, not a directory, not ours
-            raise _setting_error(cfg, ("state_dir",), cfg.state_dir, exc) from exc
+            raise setting_error(cfg, ("state_dir",), cfg.state_dir, exc) from exc
         self.sender = Sender(self.outbox, cfg.webhooks, on_result=self._on_delivery)
         self.dispatcher = Dispatcher(self.bus, RuleEngine(cfg), Actions(
             store=self._store, set_output=self._set_output, publish=self._publish,
@@ -93,7 +72,7 @@ class Daemon:
                                    timeout=cfg.http.timeout)
         except OSError as exc:  # the address: in use, not on this machine, privileged
             host = f"[{cfg.http.host}]" if ":" in cfg.http.host else cfg.http.host
-            raise _setting_error(cfg, ("http", "listen"), f"{host}:{cfg.http.port}",
+            raise setting_error(cfg, ("http", "listen"), f"{host}:{cfg.http.port}",
                                  exc) from exc
         self.mqtt: Any = None
         self.silence: SilenceWatch | None = None

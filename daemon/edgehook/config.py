@@ -13,6 +13,7 @@ one import the rest of the package needs.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from . import schema as S
 from .checker import PLACEHOLDER, Builder
-from .errors import ConfigError
+from .errors import ConfigError, EdgehookError
 from .model import (
     Action,
     Config,
@@ -138,3 +139,23 @@ def default_config_path(environ: dict[str, str] | None = None) -> str:
 def state_path(cfg: Config, name: str) -> Path:
     """A file inside the state directory."""
     return Path(cfg.state_dir) / name
+
+
+_BIND_ERRORS = {
+    errno.EADDRINUSE: "the address is already in use (another program, or another "
+                      "edgehook, listens there)",
+    errno.EADDRNOTAVAIL: "no interface of this machine has that address",
+    errno.EACCES: "permission denied (a port below 1024 needs CAP_NET_BIND_SERVICE)",
+}
+
+
+def setting_error(cfg: Config, key: tuple[str, ...], value: str,
+                  exc: OSError) -> EdgehookError:
+    """A start-up OSError as the setting at fault: `state_dir X (FILE:L:C): why`."""
+    if key == ("state_dir",):
+        path = Path(value)
+        why = ("it is not a directory" if path.exists() and not path.is_dir() else
+               f"cannot {'use' if path.is_dir() else 'create'} it: {exc.strerror or exc}")
+    else:
+        why = _BIND_ERRORS.get(exc.errno or 0) or exc.strerror or str(exc)
+    return EdgehookError(f"{'.'.join(key)} {value} ({cfg.where(*key)}): {why}")
