@@ -23,7 +23,15 @@ class Deadlines:
     A handler arms its connection while it reads and disarms it after; :meth:`disarm`
     says whether the deadline cut the read short. One thread, asleep until the
     earliest deadline; arming and disarming are a dict operation under a lock.
+
+    A disarmed deadline stays in the heap until its time (removing it would cost a
+    search), so under load the earliest entry is a stale one every fraction of a
+    millisecond. Waking for each would take the GIL from the handlers thousands of
+    times a second; the thread instead sleeps at least `GRAIN`, so a deadline may pass
+    up to that much late (a quarter second on a 5 s `http.timeout`).
     """
+
+    GRAIN = 0.25  # seconds: the least the thread sleeps while anything is armed
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
@@ -85,5 +93,5 @@ class Deadlines:
                         armed[1].shutdown(socket.SHUT_RD)
                     except OSError:
                         pass  # the peer is gone already: the read fails on its own
-                wait = self._heap[0][0] - now if self._heap else None
+                wait = max(self._heap[0][0] - now, self.GRAIN) if self._heap else None
                 self._cond.wait(wait)
