@@ -322,6 +322,21 @@ def test_sync_hook_answers_with_the_new_output_state(daemon: Daemon) -> None:
     assert r.json()["error"] == "action_failed" and "purple" in r.json()["detail"]
 
 
+def test_every_answer_carries_the_current_date(daemon: Daemon) -> None:
+    """The Date header is formatted once a second and shared: it must still be the
+    time of the answer, in HTTP's format, whichever thread answers."""
+    import email.utils
+
+    for _ in range(3):
+        before = time.time()
+        r = requests.get(base(daemon) + "/healthz", timeout=5)
+        after = time.time()
+        when = email.utils.parsedate_to_datetime(r.headers["Date"]).timestamp()
+        assert r.headers["Date"].endswith(" GMT"), r.headers["Date"]
+        assert int(before) <= when <= after, (before, r.headers["Date"], after)
+        time.sleep(0.6)  # across a second boundary at least once
+
+
 def test_hook_event_reaches_the_event_list(daemon: Daemon) -> None:
     r = requests.post(base(daemon) + "/hooks/open?src=test", json={"marker": 1}, timeout=5)
     event_id = r.json()["event_id"]
