@@ -64,6 +64,14 @@ POSITIVE_SIZE_PATTERN = r"^(?=.*[1-9])" + SIZE_PATTERN[1:]
 ONOFF_PATTERN = (r"^\s*(?:" + "|".join(_ci(w) for w in ("on", "off", "true", "false", "high",
                                                        "low")) + r"|1|0)\s*$")
 
+
+
+def _unit(bound: dict[str, int], pattern: str, description: str) -> dict[str, Any]:
+    """A value with a unit: a bare number within `bound`, text matching `pattern`, or a tag."""
+    return {"anyOf": [{"type": "number", **bound}, {"type": "string", "pattern": pattern},
+                      {"$ref": "#/$defs/tagged"}], "description": description}
+
+
 DEFS: dict[str, Any] = {
     "tagged": {
         "type": "string", "pattern": TAG_PATTERN,
@@ -74,39 +82,15 @@ DEFS: dict[str, Any] = {
         "enum": list(YAML11_BOOLS),
         "description": "a YAML 1.1 boolean word (edgehook reads it as true or false)",
     },
-    "duration": {
-        "anyOf": [
-            {"type": "number", "minimum": 0},
-            {"type": "string", "pattern": DURATION_PATTERN},
-            {"$ref": "#/$defs/tagged"},
-        ],
-        "description": "a duration: 250ms, 10s, 5m, 1h, 1h30m, 1d or a number of seconds",
-    },
-    "positive_duration": {
-        "anyOf": [
-            {"type": "number", "exclusiveMinimum": 0},
-            {"type": "string", "pattern": POSITIVE_DURATION_PATTERN},
-            {"$ref": "#/$defs/tagged"},
-        ],
-        "description": "a duration longer than 0s: 250ms, 10s, 5m, 1h, 1h30m, 1d or a number "
-                       "of seconds",
-    },
-    "size": {
-        "anyOf": [
-            {"type": "number", "minimum": 0},
-            {"type": "string", "pattern": SIZE_PATTERN},
-            {"$ref": "#/$defs/tagged"},
-        ],
-        "description": "a size: 64KiB, 1MiB, 500kB or a number of bytes",
-    },
-    "positive_size": {
-        "anyOf": [
-            {"type": "number", "minimum": 1},
-            {"type": "string", "pattern": POSITIVE_SIZE_PATTERN},
-            {"$ref": "#/$defs/tagged"},
-        ],
-        "description": "a size of at least 1 byte: 64KiB, 1MiB, 500kB or a number of bytes",
-    },
+    "duration": _unit({"minimum": 0}, DURATION_PATTERN,
+                      "a duration: 250ms, 10s, 5m, 1h, 1h30m, 1d or a number of seconds"),
+    "positive_duration": _unit({"exclusiveMinimum": 0}, POSITIVE_DURATION_PATTERN,
+                               "a duration longer than 0s: 250ms, 10s, 5m, 1h, 1h30m, 1d or "
+                               "a number of seconds"),
+    "size": _unit({"minimum": 0}, SIZE_PATTERN,
+                  "a size: 64KiB, 1MiB, 500kB or a number of bytes"),
+    "positive_size": _unit({"minimum": 1}, POSITIVE_SIZE_PATTERN,
+                           "a size of at least 1 byte: 64KiB, 1MiB, 500kB or a number of bytes"),
     "onoff": {
         "anyOf": [
             {"type": "boolean"},
