@@ -394,6 +394,10 @@ def test_outbox_through_a_running_daemon(service) -> None:  # type: ignore[no-un
     out = edgehook("outbox", "drop", str(second), "-c", cfg, env=token)
     assert out.returncode == 1 and f"no pending or dead delivery with id {second}" in out.stderr
 
+    out = edgehook("outbox", "retry", str(third), "-c", cfg, env=token)
+    assert (out.returncode, out.stdout) == (
+        0, f"delivery {third} is already pending; it is due now\n"), out.stderr
+
     out = edgehook("outbox", "retry", str(d.gone), "-c", cfg, env=token)
     assert out.returncode == 1
     assert "its target is no longer in" in out.stderr and "queued again" not in out.stdout

@@ -514,8 +514,11 @@ def test_outbox_retry_answers_for_each_backend_outcome() -> None:
     api = Api(stub)
     retry = lambda item: api.handle(_stub_req("POST", f"/api/v1/outbox/{item}/retry",  # noqa
                                               {"Host": "127.0.0.1"}))
-    assert retry(7).status == 200 and retry(7).body == {"id": 7, "status": "pending"}
+    assert retry(7).status == 200 and retry(7).body == {"id": 7, "status": "pending",
+                                                         "was": "dead"}
     assert retry(8).status == 404
+    stub.outbox_retry = lambda item: "due"  # type: ignore[method-assign]
+    assert retry(7).status == 200 and retry(7).body["was"] == "pending"
     for outcome, status, error in [("queued", 200, None), ("missing", 404, "not_found"),
                                    ("delivered", 409, "already_delivered"),
                                    ("no_target", 409, "target_gone")]:
@@ -1267,7 +1270,7 @@ def test_outbox_retry_drop_and_drop_target(store_daemon: tuple[Daemon, Any, Path
             for _ in range(3)]
     dead = [_wait_row(d, e, "dead")["id"] for e in lost]
     r = requests.post(f"{url}/{dead[0]}/retry", headers=AUTH, timeout=5)
-    assert r.status_code == 200 and r.json() == {"id": dead[0], "status": "pending"}
+    assert r.status_code == 200 and r.json() == {"id": dead[0], "status": "pending", "was": "dead"}
     _wait_row(d, lost[0], "dead")
     r = requests.delete(f"{url}/{dead[0]}", headers=AUTH, timeout=5)
     assert r.status_code == 200 and r.json() == {"dropped": 1, "id": dead[0]}

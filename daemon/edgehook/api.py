@@ -346,12 +346,14 @@ class Api:
         return Response(200, {"items": self.backend.outbox_list(status)})
 
     def outbox_retry(self, req: Request) -> Response:
-        """POST /api/v1/outbox/<id>/retry: the row is pending again, same webhook-id."""
+        """POST /api/v1/outbox/<id>/retry: the row is pending again, same webhook-id;
+        `was` says whether it was dead (queued again) or pending (made due now)."""
         self.auth.require(req)
         item = int(req.params["item"])
         outcome = self.backend.outbox_retry(item)
-        if outcome is True or outcome == "queued":
-            return Response(200, {"id": item, "status": "pending"})
+        if outcome is True or outcome in ("queued", "due"):
+            return Response(200, {"id": item, "status": "pending",
+                                  "was": "pending" if outcome == "due" else "dead"})
         if outcome == "delivered":
             raise HttpError(409, "already_delivered", f"delivery {item} was delivered already")
         if outcome == "no_target":

@@ -421,7 +421,8 @@ class Daemon:
         return self.outbox.list(status)
 
     def outbox_retry(self, item_id: int) -> str:
-        """"queued", or why not: "missing", "delivered", "no_target" (not configured)."""
+        """"queued" (a dead row), "due" (a pending row, made due now), or why not:
+        "missing", "delivered", "no_target" (not configured)."""
         row = self.outbox.get(item_id)
         if row is None:
             return "missing"
@@ -432,7 +433,7 @@ class Daemon:
         if not self.outbox.retry(item_id, time.time()):
             return "missing"
         self.sender.wake([row["target"]])
-        return "queued"
+        return "queued" if row["status"] == "dead" else "due"
 
     def outbox_drop(self, item_id: int) -> bool:
         return self.outbox.drop(item_id)

@@ -209,7 +209,9 @@ def _change_via_api(cfg: Config, api: DaemonApi, args: argparse.Namespace) -> in
     if cmd == "retry" and not args.all_dead:
         status, body = api.call("POST", f"/api/v1/outbox/{item}/retry")
         if status == 200:
-            print(f"delivery {item} queued again")
+            pending = isinstance(body, dict) and body.get("was") == "pending"
+            print(f"delivery {item} is already pending; it is due now" if pending
+                  else f"delivery {item} queued again")
             return EXIT_OK
         if status == 409 and isinstance(body, dict) and body.get("error") == "target_gone":
             return _target_gone(cfg, item, _detail(body))
