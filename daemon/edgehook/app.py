@@ -23,7 +23,7 @@ from .config import Config, load_config, setting_error
 from .delivery import Sender
 from .dispatcher import Actions, Bus, Dispatcher, Reply
 from .errors import ConfigError
-from .events import Event, make_event, rfc3339
+from .events import Event, make_event, rfc3339, seconds_since
 from .gpio import Gpio
 from .health import Snapshot, status_line, verdict
 from .http_server import HttpServer
@@ -389,7 +389,7 @@ class Daemon:
         st = self._mqtt_status()
         down = 0.0
         if st is not None and not st.get("connected"):
-            down = self._seconds_since(st.get("since"), self.started_at)
+            down = seconds_since(st.get("since"), self.started_at)
         ok, why = self.outbox.health()
         return Snapshot(
             dispatcher_alive=self.dispatcher.alive(),
@@ -468,17 +468,6 @@ class Daemon:
             return None
         return {"connected": False, "subscribed": False, "since": None, "queued": 0,
                 "dropped": 0}
-
-    @staticmethod
-    def _seconds_since(stamp: str | None, fallback: float) -> float:
-        """Seconds since an RFC 3339 time (or since `fallback`, a Unix time)."""
-        from datetime import datetime
-
-        try:
-            then = datetime.fromisoformat(stamp).timestamp() if stamp else fallback
-        except ValueError:
-            then = fallback
-        return max(0.0, time.time() - then)
 
     def recent_events(self) -> list[dict[str, Any]]:
         """The dispatcher's last events, newest first, with what each rule did."""

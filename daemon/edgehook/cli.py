@@ -34,6 +34,7 @@ import logging
 import os
 import shlex
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -47,27 +48,21 @@ CONFIG_HINT = "give one with -c FILE or set EDGEHOOK_CONFIG"
 _LENIENT = ("sim", "outbox", "hook")
 
 
-def _port(text: str) -> int:
-    """A TCP port for argparse: 1-65535, or 0 for any free one."""
-    try:
-        port = int(text)
-    except ValueError:
-        port = -1
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port (1-65535, or 0 for any "
-                                         "free one)")
-    return port
+def _whole(low: int, high: int | None, what: str) -> Callable[[str], int]:
+    """An argparse type: a whole number from `low` to `high` (None: no limit)."""
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            n = low - 1
+        if n < low or (high is not None and n > high):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return n
+    return parse
 
 
-def _positive(text: str) -> int:
-    """A count for argparse: 1 or more."""
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of 1 or more")
-    return n
+_port = _whole(0, 65535, "a port (1-65535, or 0 for any free one)")
+_positive = _whole(1, None, "a whole number of 1 or more")
 
 
 def _parser() -> argparse.ArgumentParser:

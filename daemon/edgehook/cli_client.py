@@ -114,6 +114,16 @@ def _count(n: int, one: str, many: str) -> str:
     return f"{n} {one if n == 1 else many}"
 
 
+def _dead(n: int) -> str:
+    return _count(n, "dead delivery", "dead deliveries")
+
+
+def _retried(item: int, was: str) -> str:
+    """What `outbox retry ID` did to a row that was dead or pending."""
+    return (f"delivery {item} is already pending; it is due now" if was == "pending"
+            else f"delivery {item} queued again")
+
+
 def _detail(body: Any) -> str:
     if isinstance(body, dict):
         return str(body.get("detail") or body.get("error") or body)
@@ -209,9 +219,7 @@ def _change_via_api(cfg: Config, api: DaemonApi, args: argparse.Namespace) -> in
     if cmd == "retry" and not args.all_dead:
         status, body = api.call("POST", f"/api/v1/outbox/{item}/retry")
         if status == 200:
-            pending = isinstance(body, dict) and body.get("was") == "pending"
-            print(f"delivery {item} is already pending; it is due now" if pending
-                  else f"delivery {item} queued again")
+            print(_retried(item, body.get("was", "dead") if isinstance(body, dict) else "dead"))
             return EXIT_OK
         if status == 409 and isinstance(body, dict) and body.get("error") == "target_gone":
             return _target_gone(cfg, item, _detail(body))
@@ -222,7 +230,7 @@ def _change_via_api(cfg: Config, api: DaemonApi, args: argparse.Namespace) -> in
         status, body = api.call("POST", "/api/v1/outbox/retry")
         if status == 200 and isinstance(body, dict):
             n = int(body.get("retried", 0))
-            print(f"{_count(n, 'dead delivery', 'dead deliveries')} queued again")
+            print(f"{_dead(n)} queued again")
             return EXIT_OK
     elif cmd == "drop" and item is not None:
         status, body = api.call("DELETE", f"/api/v1/outbox/{item}")
@@ -241,7 +249,7 @@ def _change_via_api(cfg: Config, api: DaemonApi, args: argparse.Namespace) -> in
         status, body = api.call("DELETE", "/api/v1/outbox?status=dead")
         if status == 200 and isinstance(body, dict):
             n = int(body.get("purged", 0))
-            print(f"{_count(n, 'dead delivery', 'dead deliveries')} purged")
+            print(f"{_dead(n)} purged")
             return EXIT_OK
     print(f"edgehook: the daemon answered {status}: {_detail(body)}", file=sys.stderr)
     return EXIT_FAIL
@@ -263,7 +271,7 @@ def _change_in_file(cfg: Config, args: argparse.Namespace) -> int:
         now = time.time()
         if cmd == "retry" and args.all_dead:
             n = box.retry_all_dead(now)
-            print(f"{_count(n, 'dead delivery', 'dead deliveries')} queued again")
+            print(f"{_dead(n)} queued again")
         elif cmd == "retry":
             row = box.get(item)
             if row is None:
@@ -275,10 +283,7 @@ def _change_in_file(cfg: Config, args: argparse.Namespace) -> int:
             if not box.retry(item, now):  # (a pending row is made due now)
                 print(f"edgehook: delivery {item} was delivered already", file=sys.stderr)
                 return EXIT_FAIL
-            if was == "pending":
-                print(f"delivery {item} is already pending; it is due now")
-            else:
-                print(f"delivery {item} queued again")
+            print(_retried(item, was))
         elif cmd == "drop" and item is not None:
             if not box.drop(item):
                 print(f"edgehook: no pending or dead delivery with id {item}",
@@ -289,7 +294,7 @@ def _change_in_file(cfg: Config, args: argparse.Namespace) -> int:
             return _dropped_target(cfg, args.target, box.drop_target(args.target))
         else:
             n = box.purge("dead")
-            print(f"{_count(n, 'dead delivery', 'dead deliveries')} purged")
+            print(f"{_dead(n)} purged")
         return EXIT_OK
 
     try:

@@ -95,6 +95,16 @@ def rfc3339(ts: float) -> str:
     return f"{cached[1]}{ms:03d}Z"
 
 
+def seconds_since(stamp: str | None, fallback: float) -> float:
+    """Seconds since an RFC 3339 time (or since `fallback`, a Unix time, when there is
+    none or it does not parse)."""
+    try:
+        then = datetime.fromisoformat(stamp).timestamp() if stamp else fallback
+    except ValueError:
+        then = fallback
+    return max(0.0, time.time() - then)
+
+
 @dataclass(frozen=True, slots=True)
 class Event:
     """Something that happened: an edge, a message, a hook call, a timer."""

@@ -99,6 +99,11 @@ def make_server(host: str, port: int, secrets: list[str], out: TextIO = sys.stdo
     """A receiver bound to host:port (not yet serving); port 0 picks a free one."""
     lock = threading.Lock()
 
+    def say(text: str) -> None:
+        """One whole block or line at a time: requests are handled on many threads."""
+        with lock:
+            print(text, file=out, flush=True)
+
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
         server_version = "edgehook-receive"
@@ -124,12 +129,10 @@ def make_server(host: str, port: int, secrets: list[str], out: TextIO = sys.stdo
                                   self.client_address[0], secrets)
             if len(body) < wanted:
                 self.close_connection = True
-                with lock:
-                    print(f"{text}\n  (the client went away after {len(body)} of {length} "
-                          "body bytes; no answer sent)", file=out, flush=True)
+                say(f"{text}\n  (the client went away after {len(body)} of {length} "
+                    "body bytes; no answer sent)")
                 return
-            with lock:
-                print(text, file=out, flush=True)
+            say(text)
             data = b'{"ok":true}\n'
             try:
                 self.send_response(200)
@@ -140,9 +143,7 @@ def make_server(host: str, port: int, secrets: list[str], out: TextIO = sys.stdo
                     self.wfile.write(data)
             except OSError:
                 self.close_connection = True
-                with lock:
-                    print("  (the client went away before the answer)", file=out,
-                          flush=True)
+                say("  (the client went away before the answer)")
 
         do_POST = do_PUT = do_PATCH = do_GET = do_DELETE = do_HEAD = _any  # noqa: N815
 
@@ -153,9 +154,7 @@ def make_server(host: str, port: int, secrets: list[str], out: TextIO = sys.stdo
             if not isinstance(exc, OSError):
                 super().handle_error(request, client_address)
                 return
-            with lock:
-                print(f"  (connection from {client_address[0]} ended: {exc})", file=out,
-                      flush=True)
+            say(f"  (connection from {client_address[0]} ended: {exc})")
 
     cls: type[ThreadingHTTPServer] = Server
     if ":" in host:
